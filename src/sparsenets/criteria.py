@@ -1,0 +1,215 @@
+"""Criteria: a score per weight element; higher means keep.
+
+Each criterion scores the weights of a private plain copy of the model (masks baked in),
+so scoring never changes the user's model: not its weights, ``.grad``, BatchNorm
+statistics or RNG state. Scores come back in each weight's own shape, keyed by the
+weight's qualified name (``"encoder.0.weight"``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import batches as B
+from .targets import is_hf_conv1d, to_gemm
+
+Weights = dict[str, tuple[nn.Module, str]]  # qualname -> (module, param name) in the scored model
+Scores = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    score: Callable[..., Scores]  # (model, weights, batches, loss_fn, generator, config) -> Scores
+    needs_data: bool = False
+    row_wise: bool = False  # compare within each output row (Wanda) when a layer has its own target
+
+
+def _tensor(weights: Weights, key: str) -> Tensor:
+    module, param = weights[key]
+    return getattr(module, param)
+
+
+def magnitude(model, weights: Weights, *_: Any) -> Scores:
+    return {k: _tensor(weights, k).detach().abs() for k in weights}
+
+
+def random(model, weights: Weights, batches, loss_fn, generator: torch.Generator, *_: Any) -> Scores:
+    return {k: torch.rand(_tensor(weights, k).shape, generator=generator).to(_tensor(weights, k).device)
+            for k in weights}
+
+
+def _gradients(model: nn.Module, weights: Weights, batch: Any, loss_fn, create_graph: bool = False) -> list[Tensor]:
+    params = [_tensor(weights, k) for k in weights]
+    loss = B.loss(model, batch, loss_fn)
+    return list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
+
+
+def _zeros_for_unused(grads: list[Tensor | None], weights: Weights) -> list[Tensor]:
+    return [torch.zeros_like(_tensor(weights, k)) if g is None else g for g, k in zip(grads, weights)]
+
+
+def snip(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
+    """Connection sensitivity |w ⊙ g| (Lee et al. 2019), gradients summed over the batches."""
+    total = [torch.zeros_like(_tensor(weights, k)) for k in weights]
+    for batch in batches:
+        for acc, g in zip(total, _zeros_for_unused(_gradients(model, weights, batch, loss_fn), weights)):
+            acc += g.detach()
+    return {k: (_tensor(weights, k).detach() * g).abs() for k, g in zip(weights, total)}
+
+
+def taylor(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
+    """First-order Taylor importance, |w ⊙ g| accumulated batch by batch."""
+    total = {k: torch.zeros_like(_tensor(weights, k)) for k in weights}
+    for batch in batches:
+        grads = _zeros_for_unused(_gradients(model, weights, batch, loss_fn), weights)
+        for k, g in zip(weights, grads):
+            total[k] += (_tensor(weights, k).detach() * g.detach()).abs()
+    return total
+
+
+def grasp(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
+    """GraSP (Wang et al. 2020). The paper removes the largest −w ⊙ Hg, so we keep the largest w ⊙ Hg."""
+    g = [torch.zeros_like(_tensor(weights, k)) for k in weights]
+    for batch in batches:
+        for acc, grad in zip(g, _zeros_for_unused(_gradients(model, weights, batch, loss_fn), weights)):
+            acc += grad.detach()
+    hg = [torch.zeros_like(x) for x in g]
+    params = [_tensor(weights, k) for k in weights]
+    for batch in batches:
+        grads = _gradients(model, weights, batch, loss_fn, create_graph=True)
+        z = sum((gr * gi).sum() for gr, gi in zip(grads, g) if gr is not None)
+        for acc, h in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
+            if h is not None:
+                acc += h.detach()
+    return {k: _tensor(weights, k).detach() * h for k, h in zip(weights, hg)}
+
+
+def _synflow_input(batches: list, config) -> Any:
+    if config.input_shape is not None:
+        return torch.ones(1, *config.input_shape)
+    if not batches:
+        raise ValueError("criterion 'synflow' needs the input shape: pass data (one batch is "
+                         "enough) or set input_shape in the config")
+
+    def ones(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return torch.ones_like(x[:1]) if x.is_floating_point() else x[:1]
+        return x
+
+    batch = batches[0]
+    if isinstance(batch, dict):
+        return {k: ones(v) for k, v in batch.items()}
+    return ones(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+
+def synflow(model, weights: Weights, batches, loss_fn, generator, config) -> Scores:
+    """SynFlow (Tanaka et al. 2020): data-free synaptic flow |w ⊙ ∂R/∂w| with R = sum f_|θ|(1)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    flow = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for tensor in list(flow.parameters()) + list(flow.buffers()):
+            if tensor.is_floating_point():
+                tensor.abs_()
+    flow_weights = {k: (flow.get_submodule(names[id(m)]), p) for k, (m, p) in weights.items()}
+    device = next(flow.parameters()).device
+    x = B.to_device(_synflow_input(batches, config), device)
+    if isinstance(x, Tensor) and x.is_floating_point():
+        x = x.double()
+    params = [_tensor(flow_weights, k) for k in flow_weights]
+    out = B.logits(B.run(flow, x))
+    grads = _zeros_for_unused(torch.autograd.grad(out.sum(), params, allow_unused=True), flow_weights)
+    return {k: (p.detach() * g).abs().to(_tensor(weights, k).dtype) for k, p, g in zip(weights, params, grads)}
+
+
+# ---- Wanda: |W| · ‖X_j‖ over calibration inputs --------------------------------------------
+
+
+def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """Input patches in GEMM column order: (positions, in·kh·kw)."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, dilation, padding, stride = ((1, *module.kernel_size), (1, *module.dilation),
+                                             (0, *module.padding), (1, *module.stride))
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """Σ x_j² over the batch for every GEMM column, shaped to broadcast against the GEMM weight."""
+    if isinstance(module, nn.MultiheadAttention):
+        inputs = [kwargs.get(n, a) for n, a in zip(("query", "key", "value"), args + (None,) * 3)]
+        sq = [x.detach().reshape(-1, x.shape[-1]).pow(2).sum(0) for x in inputs]
+        e = module.embed_dim
+        if module._qkv_same_embed_dim:
+            return torch.cat([s.expand(e, -1) for s in sq])
+        return torch.cat([s.expand(e, -1) for s in sq], dim=1)  # q|k|v weights sit side by side
+    x = args[0] if args else next(iter(kwargs.values()))
+    x = x.detach()
+    if isinstance(module, nn.Embedding):
+        counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(module.weight.dtype)
+        return counts[:, None]
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str):
+        patches = _conv_patches(module, x.to(module.weight.dtype))
+        per_group = module.in_channels // module.groups * patches.shape[1] // module.in_channels
+        sq = patches.pow(2).sum(0).reshape(module.groups, per_group)
+        return sq.repeat_interleave(module.out_channels // module.groups, dim=0)
+    if isinstance(module, nn.modules.conv._ConvNd):  # Conv3d or string padding: per-channel norm
+        sq = x.transpose(0, 1).reshape(x.shape[1], -1).pow(2).sum(1)
+        k = module.weight[0].numel() // (module.in_channels // module.groups)
+        sq = sq.reshape(module.groups, -1).repeat_interleave(k, dim=1)
+        return sq.repeat_interleave(module.out_channels // module.groups, dim=0)
+    return x.reshape(-1, x.shape[-1]).pow(2).sum(0)[None, :]  # Linear, HF Conv1D
+
+
+def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
+    """Wanda (Sun et al. 2024): |W_ij| · ‖X_j‖₂ over calibration inputs (forward passes only)."""
+    modules = {id(m): m for m, _ in weights.values()}
+    sq: dict[int, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        s = _input_sq(module, args, kwargs)
+        sq[id(module)] = sq[id(module)] + s if id(module) in sq else s
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules.values()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                B.run(model, B.to_device(batch, next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    scores = {}
+    for k, (module, param) in weights.items():
+        weight = getattr(module, param).detach()
+        if id(module) not in sq:
+            raise ValueError(f"criterion 'wanda': layer '{k}' saw no input in the calibration batches")
+        norms = sq[id(module)].sqrt()
+        if param in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            e, start = module.embed_dim, {"q": 0, "k": 1, "v": 2}[param[0]]
+            widths = [module.embed_dim, module.kdim, module.vdim]
+            offset = sum(widths[:start])
+            norms = norms[:, offset: offset + widths[start]]
+        gemm = to_gemm(module, weight).abs() * norms
+        scores[k] = gemm.t().contiguous() if is_hf_conv1d(module) else gemm.reshape(weight.shape)
+    return scores
+
+
+CRITERIA: dict[str, Criterion] = {
+    "magnitude": Criterion("magnitude", magnitude),
+    "random": Criterion("random", random),
+    "snip": Criterion("snip", snip, needs_data=True),
+    "grasp": Criterion("grasp", grasp, needs_data=True),
+    "synflow": Criterion("synflow", synflow),
+    "taylor": Criterion("taylor", taylor, needs_data=True),
+    "wanda": Criterion("wanda", wanda, needs_data=True, row_wise=True),
+}

@@ -1,0 +1,116 @@
+"""Masks on any model through ``torch.nn.utils.parametrize``: the user's model code is untouched.
+
+A masked weight is ``original * mask`` in every forward, so it is exactly zero where masked
+and its gradient there is zero. state_dict keys are parametrize's own
+(``parametrizations.weight.original`` and ``parametrizations.weight.0.mask``), deepcopy works,
+and pickling works too (parametrize alone refuses it; see :func:`_make_picklable`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+class Mask(nn.Module):
+    """The parametrization: multiplies a tensor by a fixed boolean mask."""
+
+    def __init__(self, mask: Tensor, pattern: str = "unstructured") -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+        self.pattern = pattern
+
+    def forward(self, tensor: Tensor) -> Tensor:
+        return tensor * self.mask
+
+    def right_inverse(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def extra_repr(self) -> str:
+        density = self.mask.float().mean().item()
+        return f"pattern={self.pattern}, density={density:.4f}"
+
+
+def get_mask(module: nn.Module, name: str) -> Mask | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in module.parametrizations[name] if isinstance(p, Mask)), None)
+
+
+def masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Mask]]:
+    """Every mask on ``model``: (module name, module, tensor name, Mask)."""
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                mask = get_mask(module, name)
+                if mask is not None:
+                    yield module_name, module, name, mask
+
+
+def attach(module: nn.Module, name: str, mask: Tensor, pattern: str) -> None:
+    """Mask ``module.<name>``, or replace its mask. Masked entries of the stored tensor are zeroed."""
+    existing = get_mask(module, name)
+    if existing is not None:
+        existing.mask.copy_(mask)
+        existing.pattern = pattern
+        original = module.parametrizations[name].original
+    else:
+        tensor = getattr(module, name)
+        parametrize.register_parametrization(module, name, Mask(mask.to(tensor.device), pattern))
+        _make_picklable(module)
+        original = module.parametrizations[name].original
+    with torch.no_grad():
+        original.mul_(get_mask(module, name).mask)
+
+
+def finalize_(model: nn.Module) -> nn.Module:
+    """Bake masks into the weights and remove the masking machinery, in place; returns ``model``."""
+    for _, module, name, _ in list(masks(model)):
+        others = [p for p in module.parametrizations[name] if not isinstance(p, Mask)]
+        if others:
+            raise ValueError(f"{type(module).__name__}.{name} has other parametrizations "
+                             f"({[type(p).__name__ for p in others]}); remove them first")
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
+# ---- copying and pickling --------------------------------------------------------------------
+# parametrize swaps a module's class for a dynamically made subclass that holds the property.
+# Two consequences we repair: pickle cannot name that class, and torch's deepcopy shares it
+# between original and copy, so finalizing the copy would strip the original's property.
+
+
+def _own_class(cls: type) -> type:
+    return type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
+def _deepcopy_masked(module: nn.Module, memo: dict) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    replica = module.__new__(_own_class(type(module)))
+    memo[id(module)] = replica
+    replica.__dict__ = copy.deepcopy(module.__dict__, memo)
+    return replica
+
+
+def _reduce_masked(module: nn.Module, protocol: int) -> tuple:
+    return _rebuild_masked, (type(module).__bases__[0], module.__dict__)
+
+
+def _rebuild_masked(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    parametrize._inject_new_class(module)
+    for name in module.parametrizations:
+        parametrize._inject_property(module, name)
+    _make_picklable(module)
+    return module
+
+
+def _make_picklable(module: nn.Module) -> None:
+    type(module).__reduce_ex__ = _reduce_masked
+    type(module).__deepcopy__ = _deepcopy_masked

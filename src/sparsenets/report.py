@@ -1,0 +1,146 @@
+"""``report``: per-layer sparsity, nonzeros and FLOPs, as a table or a dict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import batches as B
+from .masking import get_mask
+from .targets import LAYER_TYPES, class_names, is_hf_conv1d, weight_names
+
+
+@dataclass
+class LayerRow:
+    name: str
+    shape: tuple[int, ...]
+    pattern: str
+    density: float
+    nonzeros: int
+    numel: int
+    dense_flops: int | None  # per sample: 2 multiply-adds per weight use
+    sparse_flops: int | None
+
+
+@dataclass
+class Report:
+    rows: list[LayerRow]
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def nonzeros(self) -> int:
+        return sum(r.nonzeros for r in self.rows)
+
+    @property
+    def density(self) -> float:
+        return self.nonzeros / max(self.numel, 1)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def _flops(self, key: str) -> int | None:
+        values = [getattr(r, key) for r in self.rows]
+        return None if any(v is None for v in values) else sum(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [asdict(r) | {"shape": list(r.shape)} for r in self.rows],
+            "total": {"numel": self.numel, "nonzeros": self.nonzeros, "density": self.density,
+                      "sparsity": self.sparsity, "dense_flops": self._flops("dense_flops"),
+                      "sparse_flops": self._flops("sparse_flops")},
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "pattern", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
+        body = [(r.name, "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
+                 _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
+        body.append(("total", "", "", f"{self.density:.3f}", f"{self.nonzeros:,}",
+                     _human(self._flops("dense_flops")), _human(self._flops("sparse_flops"))))
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                 for row in [header, *body]]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _uses_per_sample(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Iterable | None) -> dict[str, float]:
+    """How often each weight is applied per sample (tokens, or conv output positions)."""
+    if data is None:
+        return {name: 1.0 for name, m in layers
+                if not isinstance(m, (nn.modules.conv._ConvNd, nn.Embedding))}
+    uses: dict[str, float] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(module, nn.Embedding):
+                return
+            if isinstance(module, nn.modules.conv._ConvNd):
+                uses[name] = out[0, 0].numel()  # positions per sample
+            elif isinstance(module, nn.MultiheadAttention):
+                uses[name] = out.numel() / (batch_size * out.shape[-1])
+            else:
+                uses[name] = out.numel() / (batch_size * out.shape[-1])
+        return record
+
+    batch = B.take(data, 1)[0]
+    inputs = batch if isinstance(batch, (dict, torch.Tensor)) else batch[0]
+    batch_size = (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs).shape[0]
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    try:
+        with torch.no_grad():
+            B.run(model, B.to_device(batch, next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return uses
+
+
+def report(model: nn.Module, data: Iterable | None = None) -> Report:
+    """Per-layer report of every layer sparsenets can sparsify, masked or not.
+
+    FLOPs are per sample. Without ``data`` they are counted for one token through
+    Linear-like layers and left out ('-') for convolutions; with ``data`` (an iterable of
+    batches; one is used) they count the real tokens and output positions.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if n and class_names(m) & set(LAYER_TYPES)]
+    uses = _uses_per_sample(model, layers, data)
+    rows = []
+    for name, module in layers:
+        for param in weight_names(module):
+            weight = getattr(module, param).detach()
+            mask = get_mask(module, param)
+            nonzeros = int(torch.count_nonzero(weight))
+            shape = tuple(weight.t().shape) if is_hf_conv1d(module) else tuple(weight.shape)
+            n_uses = uses.get(name)
+            rows.append(LayerRow(
+                name=name if param == "weight" else f"{name}.{param}",
+                shape=shape,
+                pattern=mask.pattern if mask is not None else "dense",
+                density=nonzeros / weight.numel(),
+                nonzeros=nonzeros,
+                numel=weight.numel(),
+                dense_flops=None if n_uses is None else int(2 * weight.numel() * n_uses),
+                sparse_flops=None if n_uses is None else int(2 * nonzeros * n_uses),
+            ))
+    return Report(rows)

@@ -1,0 +1,154 @@
+"""``sparsify_``: score, allocate, select and attach masks, in place.
+
+Everything that can fail (config, layer discovery, pattern checks, scoring) runs before the
+first mask is attached, so a bad input leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import batches as B
+from .allocation import layer_sparsities
+from .config import SparsityConfig, as_config
+from .criteria import CRITERIA, Criterion
+from .masking import attach, finalize_, get_mask
+from .patterns import NM, Unstructured
+from .targets import Unit, find_units, from_gemm, to_gemm
+
+
+def sparsify_(
+    model: nn.Module,
+    config: SparsityConfig | dict | str,
+    data: Iterable | None = None,
+    loss_fn: B.LossFn | None = None,
+) -> nn.Module:
+    """Attach masks to ``model`` as ``config`` says, in place, and return ``model``.
+
+    ``data`` is an iterable of batches for the criteria that need it (snip, grasp, taylor,
+    wanda; synflow takes its input shape from it). ``loss_fn(output, targets)`` defaults to
+    cross-entropy for ``(inputs, targets)`` batches and to the model's own ``.loss`` for dicts.
+    Calling it again on a sparsified model keeps what is already pruned pruned (iterative pruning).
+    """
+    config = as_config(config)
+    criterion = CRITERIA[config.criterion]
+    units = find_units(model, config)
+    if criterion.needs_data and data is None:
+        raise ValueError(f"criterion {config.criterion!r} needs data: pass an iterable of batches "
+                         f"as sparsify_(model, config, data=...)")
+    batches = B.take(data, config.batches) if data is not None else []
+    new_masks = compute_masks(model, units, config, criterion, batches, loss_fn)
+    for unit in units:
+        for member in unit.members:
+            attach(member.module, member.param, new_masks[member.qualname], str(unit.pattern))
+    return model
+
+
+def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, criterion: Criterion,
+                  batches: list, loss_fn: B.LossFn | None) -> dict[str, Tensor]:
+    """Masks for every member of every unit, scored on a private copy of ``model``."""
+    work = finalize_(copy.deepcopy(model))
+    weights = {m.qualname: (work.get_submodule(m.module_name), m.param) for u in units for m in u.weights}
+    current = {m.qualname: _existing_mask(m.module, m.param) for u in units for m in u.weights}
+    generator = torch.Generator().manual_seed(config.seed)
+    rounds = range(1, config.rounds + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for r in tqdm(rounds, desc=f"{config.criterion} rounds", disable=None if config.rounds > 1 else True):
+            scores = criterion.score(work, weights, batches, loss_fn, generator, config)
+            for name, score in scores.items():
+                if torch.isnan(score).any():
+                    raise ValueError(f"criterion {config.criterion!r} gave NaN scores for '{name}'")
+                if current[name] is not None:
+                    score.masked_fill_(~current[name].to(score.device), float("-inf"))
+            masks = select(units, scores, config, fraction=r / config.rounds, row_wise=criterion.row_wise)
+            with torch.no_grad():
+                for name, (module, param) in weights.items():
+                    getattr(module, param).mul_(masks[name].to(getattr(module, param).device))
+            current = {name: masks[name] for name in weights}
+    return masks
+
+
+def _existing_mask(module: nn.Module, name: str) -> Tensor | None:
+    mask = get_mask(module, name)
+    return None if mask is None else mask.mask.clone()
+
+
+def select(units: list[Unit], scores: dict[str, Tensor], config: SparsityConfig,
+           fraction: float = 1.0, row_wise: bool = False) -> dict[str, Tensor]:
+    """Pick what each unit keeps. ``fraction`` of the way to the target on a density-exponential
+    schedule, so rounds r/R reach density d^(r/R)."""
+    targets = layer_sparsities(units, config.sparsity, config.allocation)
+
+    def at_round(sparsity: float) -> float:
+        return 1.0 - (1.0 - sparsity) ** fraction
+
+    masks: dict[str, Tensor] = {}
+    pool = [u for u in units if targets[u.name] is None]
+    for unit in units:
+        if targets[unit.name] is None:
+            continue
+        if isinstance(unit.pattern, NM):
+            masks.update(_select_nm(unit, scores))
+        elif row_wise and isinstance(unit.pattern, Unstructured):
+            masks.update(_select_rows(unit, scores, at_round(targets[unit.name])))
+        else:
+            target = at_round(targets[unit.name]) * unit.numel
+            masks.update(unit.expand(select_groups(unit.group_scores(scores), unit.group_sizes(), target)))
+    if pool:
+        masks.update(_select_global(pool, scores, at_round(config.sparsity)))
+    return masks
+
+
+def select_groups(scores: Tensor, sizes: Tensor, n_prune: float) -> Tensor:
+    """Keep-vector that prunes the lowest-scoring groups whose total size is nearest to ``n_prune``
+    elements (so within one group of the target); at least one group always stays."""
+    order = torch.argsort(scores, stable=True)
+    reached = torch.cat([sizes.new_zeros(1), sizes[order].cumsum(0)])
+    count = min(int(torch.argmin((reached - n_prune).abs())), len(scores) - 1)
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    keep[order[:count]] = False
+    return keep
+
+
+def _select_nm(unit: Unit, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for m in unit.weights:
+        gemm = to_gemm(m.module, scores[m.qualname])
+        out[m.qualname] = from_gemm(m.module, unit.pattern.select(gemm), scores[m.qualname].shape)
+    return out
+
+
+def _select_rows(unit: Unit, scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Prune the same number of elements in every output row (Wanda's comparison group)."""
+    out = {}
+    for m in unit.weights:
+        gemm = to_gemm(m.module, scores[m.qualname])
+        rows, cols = gemm.shape
+        total = min(round(sparsity * rows * cols), rows * cols - 1)
+        per_row = torch.full((rows,), total // rows)
+        per_row[: total % rows] += 1
+        rank = torch.argsort(torch.argsort(gemm.cpu(), dim=1, stable=True), dim=1)
+        out[m.qualname] = from_gemm(m.module, rank >= per_row[:, None], scores[m.qualname].shape)
+    return out
+
+
+def _select_global(pool: list[Unit], scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """One threshold over every unit's group scores. Each unit's best group is exempt, so no
+    layer is emptied (which would cut the network) and the total still lands within one group."""
+    group_scores = []
+    for unit in pool:
+        unit_scores = unit.group_scores(scores)
+        unit_scores[torch.argmax(unit_scores)] = float("inf")
+        group_scores.append(unit_scores)
+    sizes = [u.group_sizes() for u in pool]
+    keep = select_groups(torch.cat(group_scores), torch.cat(sizes), sparsity * sum(u.numel for u in pool))
+    out = {}
+    for unit, part in zip(pool, keep.split([len(s) for s in sizes])):
+        out.update(unit.expand(part))
+    return out

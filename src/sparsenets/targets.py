@@ -1,0 +1,241 @@
+"""Targets: the weights a config sparsifies, found on any ``nn.Module`` without touching its code.
+
+A *unit* is what one sparsity level applies to: usually one weight (plus its bias for
+whole-output patterns), or, for the head pattern, every projection of one attention
+module. Each member of a unit carries a map from its elements to the unit's groups, so
+scoring, selecting and expanding masks is the same code for every pattern.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .patterns import NM, Head, Pattern
+
+# Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding", "MultiheadAttention")
+DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+
+
+def class_names(module: nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2) stores its weight as ``in × out``."""
+    return "Conv1D" in class_names(module) and hasattr(module, "nf")
+
+
+def weight_names(module: nn.Module) -> list[str]:
+    """The weight parameters of a supported layer, in GEMM form order."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            return ["in_proj_weight"]
+        return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return ["weight"]
+
+
+def to_gemm(module: nn.Module, tensor: Tensor) -> Tensor:
+    """View a weight (or a tensor of its shape) as ``out × in``."""
+    if is_hf_conv1d(module):
+        return tensor.t()
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def from_gemm(module: nn.Module, matrix: Tensor, shape: torch.Size) -> Tensor:
+    if is_hf_conv1d(module):
+        return matrix.t().contiguous()
+    return matrix.reshape(shape)
+
+
+@dataclass
+class Member:
+    """One tensor of a unit: ``module.<param>``, with its elements' group ids in GEMM form."""
+
+    module_name: str
+    param: str
+    module: nn.Module
+    group_ids: Tensor | None  # None for N:M, which selects locally
+    is_weight: bool = True  # weights are scored and counted; biases follow their groups
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module_name}.{self.param}" if self.module_name else self.param
+
+    def tensor(self) -> Tensor:
+        return getattr(self.module, self.param)
+
+
+@dataclass
+class Unit:
+    name: str
+    pattern: Pattern
+    members: list[Member]
+    n_groups: int
+    erk_dims: list[tuple[int, ...]] = field(default_factory=list)
+    sparsity: float | None = None  # fixed per-layer sparsity (override or N:M); None = allocated
+
+    @property
+    def weights(self) -> list[Member]:
+        return [m for m in self.members if m.is_weight]
+
+    @property
+    def numel(self) -> int:
+        return sum(m.tensor().numel() for m in self.weights)
+
+    def group_sizes(self) -> Tensor:
+        sizes = torch.zeros(self.n_groups, dtype=torch.float64)
+        for m in self.weights:
+            sizes.index_add_(0, m.group_ids.reshape(-1), torch.ones(m.group_ids.numel(), dtype=torch.float64))
+        return sizes
+
+    def group_scores(self, scores: dict[str, Tensor]) -> Tensor:
+        """Mean element score of each group (means keep edge blocks comparable to full ones)."""
+        total = torch.zeros(self.n_groups, dtype=torch.float64)
+        for m in self.weights:
+            gemm = to_gemm(m.module, scores[m.qualname]).to(torch.float64)
+            total.index_add_(0, m.group_ids.reshape(-1), gemm.reshape(-1))
+        return total / self.group_sizes()
+
+    def expand(self, keep: Tensor) -> dict[str, Tensor]:
+        """Turn a per-group keep vector into element masks for every member."""
+        masks = {}
+        for m in self.members:
+            shape = m.tensor().shape
+            masks[m.qualname] = from_gemm(m.module, keep[m.group_ids], shape) if m.is_weight else keep[m.group_ids]
+        return masks
+
+
+def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
+    members, dims = [], []
+    n_groups = 0
+    for param in weight_names(module):
+        weight = getattr(module, param)
+        rows, cols = to_gemm(module, weight).shape
+        pattern.check(rows, cols, name)
+        if isinstance(pattern, NM):
+            ids = None
+        else:
+            ids, n = pattern.group_ids(rows, cols)
+            ids, n_groups = ids + n_groups, n_groups + n
+        members.append(Member(name, param, module, ids))
+        dims.append((weight.shape[0], *weight.shape[1:]) if not is_hf_conv1d(module) else (cols, rows))
+    bias_name = "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
+    if pattern.masks_bias and getattr(module, bias_name, None) is not None and len(members) == 1:
+        members.append(Member(name, bias_name, module, members[0].group_ids[:, 0], is_weight=False))
+    return Unit(name, pattern, members, n_groups, dims)
+
+
+# ---- attention modules for the head pattern -------------------------------------------------
+
+
+def _head_rows(rows: int, head_dim: int, heads: int) -> Tensor:
+    """Head id of each output row of a projection that stacks [q; k; v] (or just one of them)."""
+    return (torch.arange(rows) % (heads * head_dim)) // head_dim
+
+
+def _attention_layout(module: nn.Module) -> tuple[int, int, list[tuple[nn.Module, str, str]]] | None:
+    """(heads, head_dim, [(module, param, 'rows'|'cols'|'bias')]) for a known attention module."""
+    if isinstance(module, nn.MultiheadAttention):
+        heads, head_dim = module.num_heads, module.head_dim
+        if module._qkv_same_embed_dim:
+            parts = [(module, "in_proj_weight", "rows")]
+        else:
+            parts = [(module, p, "rows") for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+        if module.in_proj_bias is not None:
+            parts.append((module, "in_proj_bias", "bias"))
+        return heads, head_dim, parts + [(module.out_proj, "weight", "cols")]
+    self_attn, output = getattr(module, "self", None), getattr(module, "output", None)
+    if self_attn is not None and hasattr(self_attn, "num_attention_heads") and hasattr(output, "dense"):
+        # BERT-style: attention.self.{query,key,value} and attention.output.dense
+        heads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
+        parts = []
+        for proj in (self_attn.query, self_attn.key, self_attn.value):
+            parts.append((proj, "weight", "rows"))
+            if proj.bias is not None:
+                parts.append((proj, "bias", "bias"))
+        return heads, head_dim, parts + [(output.dense, "weight", "cols")]
+    if hasattr(module, "c_attn") and hasattr(module, "c_proj") and hasattr(module, "num_heads"):
+        if getattr(module, "is_cross_attention", False):
+            return None
+        # GPT-2-style: c_attn stacks [q; k; v] (HF Conv1D), c_proj mixes the heads back
+        parts = [(module.c_attn, "weight", "rows")]
+        if module.c_attn.bias is not None:
+            parts.append((module.c_attn, "bias", "bias"))
+        return module.num_heads, module.head_dim, parts + [(module.c_proj, "weight", "cols")]
+    return None
+
+
+def _head_unit(name: str, module: nn.Module, module_names: dict[nn.Module, str]) -> Unit:
+    heads, head_dim, parts = _attention_layout(module)
+    members, dims = [], []
+    for sub, param, role in parts:
+        tensor = getattr(sub, param)
+        if role == "bias":
+            ids = _head_rows(tensor.shape[0], head_dim, heads)
+        else:
+            rows, cols = to_gemm(sub, tensor).shape
+            if role == "rows":
+                ids = _head_rows(rows, head_dim, heads)[:, None].expand(rows, cols)
+            else:
+                ids = (torch.arange(cols) // head_dim)[None, :].expand(rows, cols)
+            dims.append((rows, cols))
+        members.append(Member(module_names[sub], param, sub, ids, is_weight=role != "bias"))
+    return Unit(name, Head(), members, heads, dims)
+
+
+# ---- selection from a config -----------------------------------------------------------------
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """A glob matches a module name or any of its ancestors ("encoder" covers "encoder.layer.0")."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pat) for pat in patterns for p in prefixes)
+
+
+def find_units(model: nn.Module, config) -> list[Unit]:
+    """The units ``config`` selects on ``model``, in registration order; raises on bad input."""
+    named = [(n, m) for n, m in model.named_modules()]
+    names = [n for n, _ in named if n]
+    for pat in (config.include or []) + list(config.overrides):
+        if not any(_matches(n, [pat]) for n in names):
+            raise ValueError(f"pattern {pat!r} matches no module name; module names look like: "
+                             f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    types = set(config.module_types or DEFAULT_LAYER_TYPES)
+
+    def selected(name: str) -> bool:
+        if config.include and not _matches(name, config.include):
+            return False
+        return not _matches(name, config.exclude)
+
+    if isinstance(config.pattern, Head):
+        module_names = {m: n for n, m in named}
+        units = [_head_unit(n, m, module_names) for n, m in named
+                 if n and _attention_layout(m) is not None and selected(n)]
+        if not units:
+            raise ValueError("pattern 'head' found no attention module to prune (supported: "
+                             "nn.MultiheadAttention, BERT- and GPT-2-style attention)")
+    else:
+        units = []
+        for name, module in named:
+            if not name or not (class_names(module) & types) or not selected(name):
+                continue
+            pattern = config.pattern_for(name)
+            if pattern is None:  # an override that keeps this layer dense
+                continue
+            units.append(_layer_unit(name, module, pattern))
+        if not units:
+            raise ValueError(f"no layer to sparsify: nothing of type {sorted(types)} "
+                             f"passes include={config.include} exclude={config.exclude}")
+    if config.keep_first_last_dense:
+        if len(units) <= 2:
+            raise ValueError(f"keep_first_last_dense leaves nothing to sparsify: only {len(units)} layer(s) match")
+        units = units[1:-1]
+    for unit in units:
+        unit.sparsity = config.sparsity_for(unit.name, unit.pattern)
+    return units

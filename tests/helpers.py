@@ -1,0 +1,34 @@
+"""Small models and data shared by the tests."""
+
+import torch
+from torch import nn
+
+from sparsenets.masking import masks
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+
+
+def convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 5),
+    )
+
+
+def batches(model_kind: str, n: int = 2, size: int = 8) -> list:
+    shape = (size, 20) if model_kind == "mlp" else (size, 3, 6, 6)
+    return [(torch.randn(*shape), torch.randint(0, 5, (size,))) for _ in range(n)]
+
+
+def mask_of(model: nn.Module, qualname: str) -> torch.Tensor:
+    for module_name, _, name, mask in masks(model):
+        if f"{module_name}.{name}" == qualname:
+            return mask.mask
+    raise KeyError(qualname)
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}

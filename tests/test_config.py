@@ -1,0 +1,97 @@
+"""Config parsing and the errors bad input gets, with the model left untouched."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import sparsenets as sn
+from sparsenets.config import ConfigError
+
+from helpers import mlp, snapshot
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("unstructured", sn.Unstructured()), ("block:32x32", sn.Block(32, 32)), ("block:8", sn.Block(8, 8)),
+    ("BLOCK:4x1", sn.Block(4, 1)), ("2:4", sn.NM(2, 4)), ("1:16", sn.NM(1, 16)),
+    ("channel", sn.Channel()), ("head", sn.Head()),
+])
+def test_pattern_strings(text, expected):
+    assert sn.SparsityConfig(pattern=text).pattern == expected
+
+
+def test_nm_sets_its_own_sparsity():
+    assert sn.SparsityConfig(pattern="1:4").sparsity == 0.75
+    assert sn.SparsityConfig().sparsity == 0.5
+
+
+def test_from_yaml_string_and_file(tmp_path):
+    text = "pattern: block:4x4\nsparsity: 0.9\nallocation: erk\noverrides:\n  fc1: 0.5\n"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    for source in (text, path):
+        config = sn.SparsityConfig.from_yaml(source)
+        assert config.pattern == sn.Block(4, 4) and config.sparsity == 0.9
+        assert config.overrides == {"fc1": {"sparsity": 0.5}}
+    assert sn.SparsityConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\), got 1.0"),
+    ({"sparsity": -0.1}, r"got -0.1"),
+    ({"sparsity": "0.5"}, r"got '0.5'"),
+    ({"pattern": "4:4"}, r"N:M needs 1 <= N < M, got 4:4"),
+    ({"pattern": "5:2"}, r"got 5:2"),
+    ({"pattern": "blocky"}, r"unknown pattern 'blocky'"),
+    ({"pattern": "block:0x4"}, r"block sides must be >= 1"),
+    ({"criterion": "l1"}, r"unknown criterion 'l1'; choose from magnitude"),
+    ({"allocation": "erdos"}, r"unknown allocation 'erdos'"),
+    ({"pattern": "2:4", "sparsity": 0.9}, r"pattern 2:4 fixes sparsity at 0.5"),
+    ({"pattern": "2:4", "allocation": "erk"}, r"allocation 'erk' does not apply"),
+    ({"module_types": ["LSTM"]}, r"unknown type 'LSTM'"),
+    ({"overrides": {"fc": 1.5}}, r"overrides\['fc'\].sparsity must be"),
+    ({"overrides": {"fc": {"density": 0.1}}}, r"unknown key\(s\) \['density'\]"),
+    ({"rounds": 0}, r"rounds must be a positive integer, got 0"),
+    ({"include": []}, r"include is an empty list"),
+])
+def test_bad_values_are_named(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        sn.SparsityConfig(**kwargs)
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['sparsty'\]; valid keys: sparsity, pattern"):
+        sn.SparsityConfig.from_dict({"sparsty": 0.9})
+
+
+@pytest.mark.parametrize("config,data,message", [
+    ({"sparsity": 1.0}, None, r"got 1.0"),
+    ({"pattern": "block:64x64"}, None, r"block 64x64 is larger than the weight of layer '0' \(32x20"),
+    ({"pattern": "1:5"}, None, r"layer '2' .* multiple of 5, but it has 32 inputs"),
+    ({"overrides": {"4": {"pattern": "block:30x1"}}}, None, r"block 30x1 is larger than the weight of layer '4'"),
+    ({"pattern": "head"}, None, r"found no attention module"),
+    ({"include": ["encoder.*"]}, None, r"'encoder.\*' matches no module name; module names look like: 0, 1, 2"),
+    ({"overrides": {"fc9": 0.5}}, None, r"'fc9' matches no module name"),
+    ({"criterion": "snip"}, None, r"criterion 'snip' needs data"),
+    ({"criterion": "synflow"}, None, r"synflow' needs the input shape"),
+    ({"criterion": "snip"}, [torch.randn(4, 20)], r"can't compute a loss"),
+    ({"module_types": ["Conv2d"]}, None, r"no layer to sparsify"),
+])
+def test_bad_input_names_the_problem_and_leaves_the_model_untouched(config, data, message):
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        sn.sparsify_(model, config, data=data)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_config_can_be_a_dict_or_yaml_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sparsity: 0.75\n")
+    for config in ({"sparsity": 0.75}, str(path)):
+        model = sn.sparsify_(mlp(), config)
+        assert sn.report(model).sparsity == pytest.approx(0.75, abs=0.01)
+    with pytest.raises(ConfigError, match="expected a SparsityConfig"):
+        sn.sparsify_(mlp(), 0.75)
