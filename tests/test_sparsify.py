@@ -199,3 +199,13 @@ def test_same_seed_same_masks():
     c = sn.sparsify_(mlp(), {"criterion": "random", "seed": 4})
     assert torch.equal(mask_of(a, "0.weight"), mask_of(b, "0.weight"))
     assert not torch.equal(mask_of(a, "0.weight"), mask_of(c, "0.weight"))
+
+
+def test_tied_weights_are_left_dense_with_a_warning():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
+    model[2].weight = model[0].weight  # tied input/output embedding
+    before = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="layer '2' shares its weight"):
+        sn.sparsify_(model, {"sparsity": 0.5})
+    assert torch.equal(model[0].weight, before)
+    assert {r.name for r in sn.report(model).rows if r.pattern != "dense"} == {"1"}

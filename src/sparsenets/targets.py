@@ -9,6 +9,8 @@ scoring, selecting and expanding masks is the same code for every pattern.
 from __future__ import annotations
 
 import fnmatch
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -222,8 +224,14 @@ def find_units(model: nn.Module, config) -> list[Unit]:
                              "nn.MultiheadAttention, BERT- and GPT-2-style attention)")
     else:
         units = []
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         for name, module in named:
             if not name or not (class_names(module) & types) or not selected(name):
+                continue
+            if any(uses[id(getattr(module, w))] > 1 for w in weight_names(module)):
+                # a tied weight (GPT-2's lm_head is the token embedding): masking one user of it
+                # would zero the other's weights behind its back
+                warnings.warn(f"layer '{name}' shares its weight with another module; left dense", stacklevel=3)
                 continue
             pattern = config.pattern_for(name)
             if pattern is None:  # an override that keeps this layer dense
