@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import batches as B
 from .targets import is_hf_conv1d, to_gemm
@@ -84,7 +85,9 @@ def grasp(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     hg = [torch.zeros_like(x) for x in g]
     params = [_tensor(weights, k) for k in weights]
     for batch in batches:
-        grads = _gradients(model, weights, batch, loss_fn, create_graph=True)
+        # fused attention kernels have no double backward; the math kernel does
+        with sdpa_kernel(SDPBackend.MATH):
+            grads = _gradients(model, weights, batch, loss_fn, create_graph=True)
         z = sum((gr * gi).sum() for gr, gi in zip(grads, g) if gr is not None)
         for acc, h in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
             if h is not None:
@@ -144,6 +147,28 @@ def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def mha_out_proj_input(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Tensor:
+    """What ``module.out_proj`` sees: MHA applies it inside a functional call, so no hook on
+    ``out_proj`` fires; we replay the attention with an identity output projection."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+    call = dict(zip(names, args)) | kwargs
+    query, key, value = call["query"], call["key"], call["value"]
+    if module.batch_first and query.dim() == 3:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    e = module.embed_dim
+    separate = not module._qkv_same_embed_dim
+    out, _ = F.multi_head_attention_forward(
+        query, key, value, e, module.num_heads, module.in_proj_weight, module.in_proj_bias,
+        module.bias_k, module.bias_v, module.add_zero_attn, 0.0,
+        torch.eye(e, dtype=query.dtype, device=query.device), None, training=False,
+        key_padding_mask=call.get("key_padding_mask"), need_weights=False, attn_mask=call.get("attn_mask"),
+        use_separate_proj_weight=separate, q_proj_weight=module.q_proj_weight,
+        k_proj_weight=module.k_proj_weight, v_proj_weight=module.v_proj_weight,
+        is_causal=call.get("is_causal", False))
+    return out
+
+
 def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """Σ x_j² over the batch for every GEMM column, shaped to broadcast against the GEMM weight."""
     if isinstance(module, nn.MultiheadAttention):
@@ -180,7 +205,15 @@ def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
         s = _input_sq(module, args, kwargs)
         sq[id(module)] = sq[id(module)] + s if id(module) in sq else s
 
+    def attention_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+        x = mha_out_proj_input(module, args, kwargs).detach()
+        s = x.reshape(-1, x.shape[-1]).pow(2).sum(0)[None, :]
+        key = id(module.out_proj)
+        sq[key] = sq[key] + s if key in sq else s
+
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules.values()]
+    handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True) for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention) and id(m.out_proj) in modules]
     try:
         with torch.no_grad():
             for batch in batches:

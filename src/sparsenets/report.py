@@ -97,9 +97,7 @@ def _uses_per_sample(model: nn.Module, layers: list[tuple[str, nn.Module]], data
                 return
             if isinstance(module, nn.modules.conv._ConvNd):
                 uses[name] = out[0, 0].numel()  # positions per sample
-            elif isinstance(module, nn.MultiheadAttention):
-                uses[name] = out.numel() / (batch_size * out.shape[-1])
-            else:
+            else:  # tokens per sample
                 uses[name] = out.numel() / (batch_size * out.shape[-1])
         return record
 
@@ -107,12 +105,18 @@ def _uses_per_sample(model: nn.Module, layers: list[tuple[str, nn.Module]], data
     inputs = batch if isinstance(batch, (dict, torch.Tensor)) else batch[0]
     batch_size = (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs).shape[0]
     handles = [m.register_forward_hook(hook(n)) for n, m in layers]
-    try:
-        with torch.no_grad():
-            B.run(model, B.to_device(batch, next(model.parameters()).device))
+    modes = {m: m.training for m in model.modules()}
+    try:  # eval mode and a forked RNG: counting must not move BatchNorm statistics or dropout draws
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            B.run(model.eval(), B.to_device(batch, next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
+    for name, module in layers:  # MHA applies out_proj functionally, so its hook never fires
+        if isinstance(module, nn.MultiheadAttention) and name in uses:
+            uses[f"{name}.out_proj"] = uses[name]
     return uses
 
 

@@ -127,8 +127,10 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
         members.append(Member(name, param, module, ids))
         dims.append((weight.shape[0], *weight.shape[1:]) if not is_hf_conv1d(module) else (cols, rows))
     bias_name = "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
-    if pattern.masks_bias and getattr(module, bias_name, None) is not None and len(members) == 1:
-        members.append(Member(name, bias_name, module, members[0].group_ids[:, 0], is_weight=False))
+    if pattern.masks_bias and getattr(module, bias_name, None) is not None:
+        # the bias stacks the outputs of every weight (q|k|v for attention), row groups in order
+        bias_ids = torch.cat([m.group_ids[:, 0] for m in members])
+        members.append(Member(name, bias_name, module, bias_ids, is_weight=False))
     return Unit(name, pattern, members, n_groups, dims)
 
 
