@@ -209,3 +209,9 @@ def test_tied_weights_are_left_dense_with_a_warning():
         sn.sparsify_(model, {"sparsity": 0.5})
     assert torch.equal(model[0].weight, before)
     assert {r.name for r in sn.report(model).rows if r.pattern != "dense"} == {"1"}
+
+
+def test_an_override_of_zero_keeps_a_layer_dense_under_nm():
+    model = sn.sparsify_(mlp(), {"pattern": "2:4", "overrides": {"4": 0}})
+    rows = {r.name: r for r in sn.report(model).rows}
+    assert rows["4"].pattern == "dense" and rows["0"].density == 0.5

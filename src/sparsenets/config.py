@@ -129,7 +129,8 @@ class SparsityConfig:
             out["sparsity"] = _check_sparsity(value["sparsity"], f"{where}.sparsity")
         elif pattern.fixed_density is not None:
             out["sparsity"] = 1.0 - pattern.fixed_density
-        if pattern.fixed_density is not None and abs(out["sparsity"] - (1 - pattern.fixed_density)) > 1e-9:
+        fixed = pattern.fixed_density
+        if fixed is not None and out["sparsity"] != 0.0 and abs(out["sparsity"] - (1 - fixed)) > 1e-9:
             raise ConfigError(f"{where}: pattern {pattern} fixes sparsity at {1 - pattern.fixed_density:g}")
         return out
 
