@@ -1,0 +1,18 @@
+"""Experiments: built-in data and models, a small trainer, recipes and resumable run directories.
+
+>>> from sparsenets.experiments import load_dataset, build_model, Trainer, TrainConfig
+>>> data = load_dataset("mnist1d")
+>>> model = build_model("lenet_300_100", data.input_shape, data.num_classes)
+>>> history = Trainer(model, data, TrainConfig(epochs=5)).fit()
+"""
+
+from .data import Dataset, load_dataset
+from .models import build_model
+from .recipe import Recipe, RecipeError, load_recipe
+from .runner import RunDir, RunDirError, run_recipe
+from .trainer import TrainConfig, Trainer, evaluate
+
+__all__ = [
+    "Dataset", "Recipe", "RecipeError", "RunDir", "RunDirError", "TrainConfig", "Trainer", "build_model",
+    "evaluate", "load_dataset", "load_recipe", "run_recipe",
+]

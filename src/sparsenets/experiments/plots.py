@@ -1,0 +1,154 @@
+"""Plots of a run directory: accuracy vs weights remaining, training curves, per-layer density.
+
+Built from ``results.json`` and ``metrics.jsonl`` alone, so ``sparsenets report`` can redraw
+them. Uses matplotlib's object API (no pyplot), so no display or global state is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from . import atomic
+from .summary import ARMS, LABELS
+
+if TYPE_CHECKING:
+    from .runner import RunDir
+
+COLORS = {"dense": "black", "imp": "tab:blue", "oneshot": "tab:blue", "gradual": "tab:green",
+          "reinit": "tab:orange", "random": "tab:red"}
+MAIN_ARMS = ("imp", "oneshot", "gradual")
+
+
+def write_all(run_dir: RunDir, results: dict[str, Any], only_missing: bool = False) -> list[Path]:
+    """Write every plot that has data; returns their paths."""
+    history = _read_metrics(run_dir.metrics_file)
+    makers = {"accuracy_vs_remaining.png": lambda: accuracy_vs_remaining(results),
+              "training_curves.png": lambda: training_curves(results, history),
+              "layer_density.png": lambda: layer_density(results)}
+    written = []
+    for name, make in makers.items():
+        path = run_dir.plots / name
+        if not (only_missing and path.exists()):
+            figure = make()
+            if figure is None:
+                continue
+            atomic.write_with(path, lambda file: figure.savefig(file, format="png", dpi=120, bbox_inches="tight"))
+        written.append(path)
+    return written
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _log_percent(axis: Any) -> None:
+    """Log scale labelled 1%, 2%, 5%, 10%, ... on one axis (``ax.xaxis`` or ``ax.yaxis``)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _remaining_axis(axis: Any) -> None:
+    axis.set_xscale("log")
+    axis.invert_xaxis()  # more pruning to the right
+    _log_percent(axis.xaxis)
+    axis.set_xlabel("weights remaining")
+
+
+def accuracy_vs_remaining(results: dict[str, Any]) -> Figure | None:
+    """Mean test accuracy per level with ± std error bars (the seed spread), dense as a band."""
+    entries = results["summary"]
+    if not entries:
+        return None
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot()
+    levels = sorted({e["remaining"] for e in entries if e["arm"] != "dense"})
+    for e in (e for e in entries if e["arm"] == "dense"):
+        mean, std = 100 * e["accuracy_mean"], 100 * e["accuracy_std"]
+        axis.axhline(mean, color=COLORS["dense"], linestyle="--", label=f"{LABELS['dense']} ({mean:.1f}%)")
+        if std > 0 and levels:
+            axis.axhspan(mean - std, mean + std, color=COLORS["dense"], alpha=0.08)
+    for arm in ARMS[1:]:
+        points = sorted((e for e in entries if e["arm"] == arm), key=lambda e: -e["remaining"])
+        if points:
+            axis.errorbar([p["remaining"] for p in points], [100 * p["accuracy_mean"] for p in points],
+                          yerr=[100 * p["accuracy_std"] for p in points], marker="o", markersize=4, capsize=3,
+                          color=COLORS[arm], label=LABELS[arm])
+    if levels:
+        _remaining_axis(axis)
+    axis.set_ylabel("test accuracy (%)")
+    seeds = max(e["seeds"] for e in entries)
+    axis.set_title(f"{results['name']}: mean ± std over {seeds} seed(s)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend()
+    return figure
+
+
+def training_curves(results: dict[str, Any], history: list[dict[str, Any]]) -> Figure | None:
+    """Test accuracy against training step, one line per level (mean over seeds), one panel per arm."""
+    arms = [a for a in ARMS if a != "dense" and any(h["arm"] == a for h in history)] or ["dense"]
+    if not history:
+        return None
+    remaining = {(e["arm"], e["level"]): e["remaining"] for e in results["summary"]}
+    figure = Figure(figsize=(4.5 * len(arms), 4))
+    axes = figure.subplots(1, len(arms), sharey=True, squeeze=False)[0]
+    for axis, arm in zip(axes, arms):
+        curves: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for h in history:
+            if h["arm"] in (arm, "dense"):
+                curves[h["level"]][h["step"]].append(100 * h["test_accuracy"])
+        levels = sorted(curves)
+        for i, level in enumerate(levels):
+            steps = sorted(curves[level])
+            color = "black" if level == 0 else _viridis(i / max(len(levels) - 1, 1))
+            share = remaining.get((arm, level), remaining.get(("dense", level), 1.0))
+            axis.plot(steps, [statistics.fmean(curves[level][s]) for s in steps], color=color, linewidth=1.2,
+                      label=f"{100 * share:.1f}%" if level else "dense")
+        axis.set_title(LABELS[arm])
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+        if len(levels) <= 14:
+            axis.legend(fontsize=7, title="weights left", title_fontsize=7, ncol=2)
+    axes[0].set_ylabel("test accuracy (%)")
+    return figure
+
+
+def _viridis(x: float) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](0.9 * x)
+
+
+def layer_density(results: dict[str, Any]) -> Figure | None:
+    """Each layer's density against the whole network's, for the pruning arm (mean over seeds)."""
+    arm = next((a for a in MAIN_ARMS if any(r["arm"] == a for r in results["jobs"])), None)
+    if arm is None:
+        return None
+    per_level: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in results["jobs"]:
+        if row["arm"] in (arm, "dense"):
+            per_level[row["level"]].append(row)
+    levels = sorted(per_level)
+    overall = [statistics.fmean(r["remaining"] for r in per_level[level]) for level in levels]
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot()
+    for layer in per_level[levels[0]][0]["layers"]:
+        density = [statistics.fmean(r["layers"][layer] for r in per_level[level]) for level in levels]
+        axis.plot(overall, density, marker="o", markersize=3, label=layer)
+    _remaining_axis(axis)
+    axis.set_yscale("log")
+    _log_percent(axis.yaxis)
+    axis.set_ylabel("layer density (weights kept)")
+    axis.set_title(f"{results['name']}: per-layer density, {LABELS[arm]}")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=7, ncol=2)
+    return figure

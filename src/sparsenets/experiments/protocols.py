@@ -1,0 +1,302 @@
+"""Protocols: which networks an experiment trains, for each method, as a list of jobs.
+
+A job trains one network (one seed, one arm, one level) and may start from the checkpoint
+of an earlier job; the runner runs jobs in order, checkpoints each one and skips those
+already done, so every protocol is resumable for free. Arms:
+
+- ``dense``: the unpruned network (level 0), the reference for every method.
+- ``oneshot``: the trained dense network pruned once to each target, then fine-tuned.
+- ``gradual``: trained from scratch while pruning on Zhu & Gupta's cubic schedule.
+- ``imp``: lottery-ticket level l, pruned from level l−1 and rewound to θ_k.
+- ``reinit``: level l's mask on a fresh random initialisation (control).
+- ``random``: a random mask with level l's per-layer densities, from θ_k (control).
+
+Every job trains on the same data order (a function of the seed), so arms and levels
+differ only in what they are meant to differ in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import Tensor, nn
+
+from ..config import ConfigError, SparsityConfig
+from ..methods import GradualMagnitudePruning, LotteryTicket, OneShot, random_prune, reinitialize, rewind_
+from ..methods.lottery import level_configs
+from .trainer import TrainConfig, mix_seed
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+CONTROLS = ("reinit", "random")
+
+
+@dataclass(frozen=True)
+class Job:
+    seed: int
+    arm: str
+    level: int = 0
+    target: float = 0.0  # nominal sparsity of the level
+    parent: str | None = None  # key of the job whose checkpoint this one starts from
+
+    @property
+    def key(self) -> str:
+        return f"seed{self.seed}-{self.arm}" + (f"-{self.level:02d}" if self.arm != "dense" else "")
+
+
+@dataclass
+class Outcome:
+    model: nn.Module
+    history: list[dict[str, float]]
+    extra: dict[str, Any] = field(default_factory=dict)  # saved with the checkpoint (e.g. θ_k)
+
+
+class Context(Protocol):
+    """What the runner offers a protocol."""
+
+    recipe: Recipe
+    steps_per_epoch: int
+
+    def new_model(self, init_seed: int) -> nn.Module: ...
+    def restore(self, key: str) -> nn.Module: ...
+    def extra(self, key: str) -> dict[str, Any]: ...
+    def calibration(self, seed: int) -> list: ...
+    def train(self, model: nn.Module, job: Job, hooks: list = ..., start_step: int = 0,
+              config: TrainConfig | None = None) -> list[dict[str, float]]: ...
+
+
+def init_seed(seed: int) -> int:
+    """The seed of θ0 for an experiment seed."""
+    return mix_seed(seed, "init")
+
+
+def _fraction_list(value: Any, key: str) -> list[float]:
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in values):
+        raise ConfigError(f"{key} must be a list of sparsities in (0, 1), got {value!r}")
+    return [float(v) for v in values]
+
+
+def _int_at_least(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+# ---- dense -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseOptions:
+    def validate(self, recipe: Recipe) -> None:
+        pass
+
+
+class Dense:
+    Options = DenseOptions
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        return [Job(seed, "dense") for seed in recipe.seeds]
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        model = ctx.new_model(init_seed(job.seed))
+        return Outcome(model, ctx.train(model, job))
+
+
+# ---- one-shot ------------------------------------------------------------------------------------
+
+
+@dataclass
+class OneShotOptions:
+    """``sparsities``: targets, one level each (default: the sparsity section's); fine-tuning
+    runs ``finetune_epochs`` at ``finetune_lr`` (default: the training lr) on the train schedule."""
+
+    sparsities: list[float] | None = None
+    finetune_epochs: int = 5
+    finetune_lr: float | None = None
+
+    def validate(self, recipe: Recipe) -> None:
+        self.sparsities = _targets(self.sparsities, recipe.sparsity)
+        _int_at_least(self.finetune_epochs, "finetune_epochs", 1)
+        if self.finetune_lr is not None and (isinstance(self.finetune_lr, bool) or
+                                             not isinstance(self.finetune_lr, (int, float)) or self.finetune_lr <= 0):
+            raise ConfigError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
+
+
+def _targets(sparsities: list[float] | None, config: SparsityConfig) -> list[float]:
+    targets = [config.sparsity] if sparsities is None else _fraction_list(sparsities, "sparsities")
+    for target in targets:
+        dataclasses.replace(config, sparsity=target)  # raises if the pattern fixes another sparsity
+    return targets
+
+
+class OneShotProtocol:
+    Options = OneShotOptions
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        targets = recipe.method["sparsities"]
+        return [job for seed in recipe.seeds for job in [
+            Job(seed, "dense"),
+            *(Job(seed, "oneshot", i, t, parent=Job(seed, "dense").key) for i, t in enumerate(targets, 1))]]
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        if job.arm == "dense":
+            return Dense().run(job, ctx)
+        options = ctx.recipe.method
+        model = ctx.restore(job.parent)
+        OneShot(model, dataclasses.replace(ctx.recipe.sparsity, sparsity=job.target),
+                data=ctx.calibration(job.seed)).apply()
+        train = dataclasses.replace(ctx.recipe.train, epochs=options["finetune_epochs"],
+                                    lr=options["finetune_lr"] or ctx.recipe.train.lr)
+        return Outcome(model, ctx.train(model, job, config=train))
+
+
+# ---- gradual -------------------------------------------------------------------------------------
+
+
+@dataclass
+class GradualOptions:
+    """Prune every ``every_steps`` updates from epoch ``start_epoch`` to ``end_epoch`` (by the end of
+    that epoch), from ``initial_sparsity`` to each target in ``sparsities``."""
+
+    sparsities: list[float] | None = None
+    initial_sparsity: float = 0.0
+    start_epoch: int = 0
+    end_epoch: int | None = None
+    every_steps: int = 10
+
+    def validate(self, recipe: Recipe) -> None:
+        self.sparsities = _targets(self.sparsities, recipe.sparsity)
+        epochs = recipe.train.epochs
+        if self.end_epoch is None:
+            self.end_epoch = max(1, (3 * epochs) // 4)
+        _int_at_least(self.start_epoch, "start_epoch", 0)
+        _int_at_least(self.end_epoch, "end_epoch", self.start_epoch)
+        if self.end_epoch > epochs:
+            raise ConfigError(f"end_epoch {self.end_epoch} is after the last epoch ({epochs})")
+        _int_at_least(self.every_steps, "every_steps", 1)
+        if not 0.0 <= self.initial_sparsity < min(self.sparsities):
+            raise ConfigError(f"initial_sparsity must be in [0, {min(self.sparsities):g}), got {self.initial_sparsity!r}")
+
+
+class GradualProtocol:
+    Options = GradualOptions
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        targets = recipe.method["sparsities"]
+        return [job for seed in recipe.seeds
+                for job in [Job(seed, "dense"), *(Job(seed, "gradual", i, t) for i, t in enumerate(targets, 1))]]
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        if job.arm == "dense":
+            return Dense().run(job, ctx)
+        options, per_epoch = ctx.recipe.method, ctx.steps_per_epoch
+        model = ctx.new_model(init_seed(job.seed))
+        method = GradualMagnitudePruning(
+            model, dataclasses.replace(ctx.recipe.sparsity, sparsity=job.target),
+            start=options["start_epoch"] * per_epoch, end=options["end_epoch"] * per_epoch,
+            frequency=options["every_steps"], initial_sparsity=options["initial_sparsity"],
+            data=ctx.calibration(job.seed))
+        return Outcome(model, ctx.train(model, job, hooks=[method]))
+
+
+# ---- lottery tickets -------------------------------------------------------------------------------
+
+
+@dataclass
+class LotteryOptions:
+    """Prune ``prune_fraction`` of the remaining weights per level until the sparsity section's
+    target; rewind to update ``rewind_step`` (0: θ0); train the ``controls`` at every
+    ``controls_every``-th level and at the last."""
+
+    prune_fraction: float = 0.2
+    rewind_step: int = 0
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    controls_every: int = 1
+
+    def validate(self, recipe: Recipe) -> None:
+        if isinstance(self.prune_fraction, bool) or not isinstance(self.prune_fraction, (int, float)) \
+                or not 0 < self.prune_fraction < 1:
+            raise ConfigError(f"prune_fraction must be in (0, 1), got {self.prune_fraction!r}")
+        _int_at_least(self.rewind_step, "rewind_step", 0)
+        _int_at_least(self.controls_every, "controls_every", 1)
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if not isinstance(self.controls, list) or unknown:
+            raise ConfigError(f"controls must be a list drawn from {list(CONTROLS)}, got {self.controls!r}")
+
+
+class LotteryProtocol:
+    Options = LotteryOptions
+
+    @staticmethod
+    def levels(recipe: Recipe) -> list[SparsityConfig]:
+        return level_configs(recipe.sparsity, recipe.method["prune_fraction"])
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        options = recipe.method
+        levels = self.levels(recipe)
+        jobs = []
+        for seed in recipe.seeds:
+            previous = Job(seed, "dense")
+            jobs.append(previous)
+            for level, config in enumerate(levels, start=1):
+                ticket = Job(seed, "imp", level, config.sparsity, parent=previous.key)
+                jobs.append(ticket)
+                if level % options["controls_every"] == 0 or level == len(levels):
+                    jobs += [Job(seed, arm, level, config.sparsity, parent=ticket.key) for arm in options["controls"]]
+                previous = ticket
+        return jobs
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        options = ctx.recipe.method
+        levels = self.levels(ctx.recipe)
+        rewind_step = options["rewind_step"]
+
+        def ticket_of(model: nn.Module, level: int, rewind_point: dict[str, Tensor] | None = None) -> LotteryTicket:
+            return LotteryTicket(model, ctx.recipe.sparsity, options["prune_fraction"], rewind_step,
+                                 data=ctx.calibration(job.seed), rewind_point=rewind_point, level=level)
+
+        if job.arm == "dense":
+            model = ctx.new_model(init_seed(job.seed))
+            ticket = ticket_of(model, 0)
+            history = ctx.train(model, job, hooks=[ticket])
+            return Outcome(model, history, extra={"rewind_point": ticket.rewind_point})
+        rewind_point = ctx.extra(Job(job.seed, "dense").key)["rewind_point"]
+        if job.arm == "imp":
+            model = ctx.restore(job.parent)
+            ticket_of(model, job.level - 1, rewind_point).next_level()
+        elif job.arm == "reinit":
+            model = reinitialize(ctx.restore(job.parent), ctx.new_model(mix_seed(job.seed, "reinit", job.level)))
+        else:
+            model = rewind_(ctx.new_model(init_seed(job.seed)), rewind_point)
+            random_prune(model, ctx.restore(job.parent), levels[job.level - 1],
+                         seed=mix_seed(job.seed, "random", job.level))
+        return Outcome(model, ctx.train(model, job, start_step=rewind_step))
+
+
+PROTOCOLS: dict[str, Any] = {
+    "dense": Dense(), "oneshot": OneShotProtocol(), "gradual": GradualProtocol(), "lottery": LotteryProtocol(),
+}
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A method section's options with defaults filled in; unknown keys are errors."""
+    option_class = PROTOCOLS[name].Options
+    valid = [f.name for f in dataclasses.fields(option_class)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for method {name!r}; "
+                          f"valid options: {', '.join(['name', *valid])}")
+    return dataclasses.asdict(option_class(**options))
+
+
+def validate(recipe: Recipe) -> None:
+    """Check a method's options against the rest of the recipe; fills derived defaults in place."""
+    name = recipe.method["name"]
+    options = PROTOCOLS[name].Options(**recipe.options("method"))
+    options.validate(recipe)
+    recipe.method = {"name": name, **dataclasses.asdict(options)}
+

@@ -1,0 +1,246 @@
+"""Run a recipe into a run directory, resumably.
+
+A run directory holds::
+
+    recipe.yaml          the resolved recipe (every default written out)
+    checkpoints/*.pt     one per completed job: weights, masks, history, result
+    metrics.jsonl        one line per evaluation of every completed job
+    results.json         per-job results and the per-level summary ("complete": true at the end)
+    plots/*.png, report.md
+
+Every file is written atomically, and the checkpoints are the truth: on a rerun the jobs
+with a checkpoint are skipped and ``metrics.jsonl``/``results.json`` are rebuilt from them,
+so a run killed at any point resumes where it stopped and ends with the same results as an
+uninterrupted run. That holds because every random choice is a function of the recipe's
+seed and the job (initialisation, data order, masks, dropout): nothing depends on what ran
+before in the same process, so no RNG state needs carrying over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from ..config import ConfigError
+from ..methods import apply_masks, copy_masks, rewind_, snapshot
+from ..report import report
+from ..targets import find_units
+from . import atomic, plots, summary
+from .data import Dataset, load_dataset
+from .models import build_model
+from .protocols import PROTOCOLS, Job, Outcome
+from .recipe import Recipe, RecipeError
+from .trainer import TrainConfig, Trainer, batches, mix_seed
+
+CHECKPOINT_FORMAT = 1
+CALIBRATION_BATCHES = 8
+
+
+class RunDirError(RuntimeError):
+    """A run directory that can't be used for this recipe."""
+
+
+class RunDir:
+    """The files of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.recipe_file = self.path / "recipe.yaml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.results_file = self.path / "results.json"
+        self.report_file = self.path / "report.md"
+        self.checkpoints = self.path / "checkpoints"
+        self.plots = self.path / "plots"
+
+    def checkpoint(self, key: str) -> Path:
+        return self.checkpoints / f"{key}.pt"
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Refuse a directory that holds a different experiment."""
+        if not self.recipe_file.exists():
+            if self.path.exists() and any(not p.name.startswith(atomic.TEMP_PREFIX) for p in self.path.iterdir()):
+                raise RunDirError(f"{self.path} is not empty and holds no recipe.yaml; "
+                                  f"choose another output directory (--out)")
+            return
+        saved = yaml.safe_load(self.recipe_file.read_text())
+        differences = _differences(saved, recipe.to_dict())
+        if differences:
+            shown = "; ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
+            raise RunDirError(f"{self.path} holds a run of a different recipe ({shown}); use another "
+                              f"--out directory, or delete {self.path} to start over")
+
+    def start(self, recipe: Recipe) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temporaries(self.path)
+        if not self.recipe_file.exists():
+            atomic.write_text(self.recipe_file, recipe.to_yaml())
+
+    def load_checkpoint(self, key: str) -> dict[str, Any]:
+        return torch.load(self.checkpoint(key), map_location="cpu", weights_only=True)
+
+    def completed(self, jobs: list[Job]) -> dict[str, dict[str, Any]]:
+        """Records (history and result) of the jobs that have a checkpoint."""
+        done = {}
+        for job in jobs:
+            if self.checkpoint(job.key).exists():
+                checkpoint = self.load_checkpoint(job.key)
+                done[job.key] = {"history": checkpoint["history"], "result": checkpoint["result"]}
+        return done
+
+    def write_logs(self, recipe: Recipe, jobs: list[Job], done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Rewrite metrics.jsonl and results.json from the completed jobs, in job order."""
+        finished = [job for job in jobs if job.key in done]
+        atomic.write_jsonl(self.metrics_file, [
+            {"job": job.key, "seed": job.seed, "arm": job.arm, "level": job.level, **row}
+            for job in finished for row in done[job.key]["history"]])
+        rows = [done[job.key]["result"] for job in finished]
+        results = {"name": recipe.name, "method": recipe.method["name"], "complete": len(finished) == len(jobs),
+                   "jobs": rows, "summary": summary.aggregate(rows)}
+        atomic.write_json(self.results_file, results)
+        return results
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    return [] if old == new else [f"{where}: {old!r} in the directory, {new!r} now"]
+
+
+class RunContext:
+    """What protocols use to build, restore and train models (see ``protocols.Context``)."""
+
+    def __init__(self, recipe: Recipe, data: Dataset, run_dir: RunDir, progress: Progress | None = None) -> None:
+        self.recipe, self.data, self.run_dir, self.progress = recipe, data, run_dir, progress
+        self.steps_per_epoch = -(-len(data.y_train) // recipe.train.batch_size)
+
+    def new_model(self, init_seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return build_model(self.recipe.model["name"], self.data.input_shape, self.data.num_classes,
+                               **self.recipe.options("model"))
+
+    def restore(self, key: str) -> nn.Module:
+        checkpoint = self.run_dir.load_checkpoint(key)
+        model = apply_masks(self.new_model(0), checkpoint["masks"])
+        return rewind_(model, checkpoint["weights"])
+
+    def calibration(self, seed: int) -> list:
+        """A few training batches for criteria that score with data (snip, grasp, taylor, wanda)."""
+        return list(itertools.islice(batches(self.data, self.recipe.train.batch_size, seed), CALIBRATION_BATCHES))
+
+    def extra(self, key: str) -> dict[str, Any]:
+        return self.run_dir.load_checkpoint(key)["extra"]
+
+    def train(self, model: nn.Module, job: Job, hooks: list = (), start_step: int = 0,
+              config: TrainConfig | None = None) -> list[dict[str, float]]:
+        trainer = Trainer(model, self.data, config or self.recipe.train, seed=job.seed, hooks=hooks)
+        if self.progress is not None:
+            task = self.progress.add_task(f"  {job.key}", total=trainer.total_steps - start_step)
+            trainer.on_step = lambda step: self.progress.advance(task)
+        try:
+            return trainer.fit(start_step)
+        finally:
+            if self.progress is not None:
+                self.progress.remove_task(task)
+
+    def check(self) -> None:
+        """Fail before anything is written if the model can't take the recipe's sparsity config."""
+        model = self.new_model(0)
+        try:
+            find_units(model, self.recipe.sparsity)
+        except (ValueError, ConfigError) as err:
+            raise RecipeError(f"sparsity: {err}") from None
+        total = self.recipe.train.epochs * self.steps_per_epoch
+        rewind = self.recipe.method.get("rewind_step", 0)
+        if rewind >= total:
+            raise RecipeError(f"method.rewind_step {rewind} is not before the end of training ({total} steps)")
+
+
+def result_row(job: Job, model: nn.Module, history: list[dict[str, float]]) -> dict[str, Any]:
+    table = report(model)
+    final = history[-1]
+    return {"key": job.key, "seed": job.seed, "arm": job.arm, "level": job.level, "target_sparsity": job.target,
+            "remaining": table.density, "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
+            "train_loss": final["train_loss"], "layers": {row.name: row.density for row in table.rows}}
+
+
+def run_recipe(recipe: Recipe, out: str | Path, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume, or just summarise) ``recipe`` in ``out``; returns results.json's content."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        return _run(recipe, RunDir(out), console or Console())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
+    run_dir.check_recipe(recipe)
+    data = load_dataset(recipe.data["name"], **recipe.options("data"))
+    context = RunContext(recipe, data, run_dir)
+    context.check()
+    protocol = PROTOCOLS[recipe.method["name"]]
+    jobs = protocol.jobs(recipe)
+    run_dir.start(recipe)
+    done = run_dir.completed(jobs)
+    if len(done) == len(jobs) and run_dir.results_file.exists():
+        console.print(f"[bold]{run_dir.path}[/] is complete; its summary:")
+        return finish(run_dir, console)
+    resumed = len(done)
+    if done:
+        console.print(f"resuming {run_dir.path}: {len(done)} of {len(jobs)} networks already trained",
+                      soft_wrap=True)
+    run_dir.write_logs(recipe, jobs, done)
+    started = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
+        context.progress = progress
+        overall = progress.add_task(f"{recipe.name}: networks", total=len(jobs), completed=len(done))
+        for job in jobs:
+            if job.key in done:
+                continue
+            job_started = time.perf_counter()
+            torch.manual_seed(mix_seed(job.seed, job.key))  # anything random inside training (dropout)
+            outcome = protocol.run(job, context)
+            done[job.key] = _save(run_dir, job, outcome)
+            run_dir.write_logs(recipe, jobs, done)
+            progress.advance(overall)
+            row = done[job.key]["result"]
+            console.print(f"  {job.key:<22} {100 * row['remaining']:6.2f}% of weights   "
+                          f"test accuracy {100 * row['test_accuracy']:5.1f}%   "
+                          f"({time.perf_counter() - job_started:.1f} s)", soft_wrap=True)
+    console.print(f"trained {len(jobs) - resumed} networks in {time.perf_counter() - started:.0f} s")
+    return finish(run_dir, console, regenerate=True)
+
+
+def _save(run_dir: RunDir, job: Job, outcome: Outcome) -> dict[str, Any]:
+    record = {"history": outcome.history, "result": result_row(job, outcome.model, outcome.history)}
+    atomic.torch_save(run_dir.checkpoint(job.key), {
+        "format": CHECKPOINT_FORMAT, "job": dataclasses.asdict(job), "weights": snapshot(outcome.model),
+        "masks": copy_masks(outcome.model), "extra": outcome.extra, **record})
+    return record
+
+
+def finish(run_dir: RunDir, console: Console, regenerate: bool = False) -> dict[str, Any]:
+    """Write plots and report.md (when missing, or always with ``regenerate``) and print the summary."""
+    results = summary.load_results(run_dir.results_file)
+    plot_files = plots.write_all(run_dir, results, only_missing=not regenerate)
+    if regenerate or not run_dir.report_file.exists():
+        summary.write_report(run_dir, results, plot_files)
+    summary.print_summary(results, console)
+    console.print(f"plots: {run_dir.plots}/   report: {run_dir.report_file}", soft_wrap=True)
+    return results
+

@@ -1,0 +1,115 @@
+"""What every sparsity method shares: the training-loop hooks and intermediate sparsity targets.
+
+A method is an object that holds a model and a :class:`~sparsenets.SparsityConfig` and is
+told where training stands. The built-in :class:`~sparsenets.experiments.Trainer` calls the
+hooks; in your own loop, call ``method.step(step)`` right after ``optimizer.step()``, with
+``step`` the number of updates done so far (1 after the first)::
+
+    for step, (x, y) in enumerate(loader, start=1):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        method.step(step)
+
+Methods prune with :func:`sparsenets.sparsify_`, so any pattern, criterion and allocation of
+the config works, and pruned weights stay exactly zero (masks are parametrizations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..batches import LossFn
+from ..config import SparsityConfig, as_config
+from ..patterns import NM
+from ..report import report
+from ..sparsify import sparsify_
+
+
+class Method:
+    """Base class: no-op hooks, and :meth:`prune` to a given intermediate sparsity.
+
+    ``data``/``loss_fn`` are passed to :func:`sparsify_` for criteria that need data
+    (snip, grasp, taylor, wanda).
+    """
+
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str,
+                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+        self.model = model
+        self.config = as_config(config)
+        self.data = data
+        self.loss_fn = loss_fn
+
+    # ---- hooks (the Trainer calls them; so can your own loop) ----------------------------------
+
+    def on_train_begin(self, model: nn.Module, optimizer: Any) -> None:
+        """Before the first update of a training run."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """After ``backward()``, before ``optimizer.step()``: gradients are there to read or change."""
+
+    def step(self, step: int) -> None:
+        """After ``optimizer.step()``; ``step`` is the number of updates done so far."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """After the last update of epoch ``epoch`` (counted from 1)."""
+
+    # ---- pruning -------------------------------------------------------------------------------
+
+    def prune(self, sparsity: float) -> SparsityConfig | None:
+        """Prune the model to ``sparsity`` on the way to the config's target; what is pruned stays pruned.
+
+        Returns the config that was applied, or None when there was nothing to prune yet.
+        """
+        config = config_at(self.config, sparsity)
+        if config is not None:
+            sparsify_(self.model, config, self.data, self.loss_fn)
+        return config
+
+    def density(self) -> float:
+        """Fraction of the weights (of every layer sparsenets can sparsify) that are nonzero."""
+        return report(self.model).density
+
+
+def config_at(config: SparsityConfig, sparsity: float) -> SparsityConfig | None:
+    """The config for an intermediate target ``sparsity`` on the way to ``config``.
+
+    Overall sparsity becomes ``sparsity``, per-layer ``overrides`` scale in proportion, and an
+    N:M pattern steps through n:M with n nearest the target density (never below N), as
+    N:M cannot take other densities. None when nothing would be pruned yet.
+    """
+    final = config.sparsity
+    if not 0.0 <= sparsity <= final + 1e-12:
+        raise ValueError(f"intermediate sparsity {sparsity!r} is outside [0, {final:g}] (the config's target)")
+    scale = sparsity / final if final > 0 else 0.0
+    if isinstance(config.pattern, NM):
+        pattern = _nm_at(config.pattern, sparsity)
+        if pattern is None:
+            return None
+        sparsity = 1.0 - pattern.fixed_density
+    else:
+        pattern = config.pattern
+        if sparsity <= 0.0:
+            return None
+    overrides = {glob: _override_at(value, config.pattern, scale) for glob, value in config.overrides.items()}
+    return dataclasses.replace(config, sparsity=sparsity, pattern=pattern, overrides=overrides)
+
+
+def _nm_at(pattern: NM, sparsity: float) -> NM | None:
+    n = min(pattern.m, max(pattern.n, round(pattern.m * (1.0 - sparsity))))
+    return None if n == pattern.m else NM(n, pattern.m)
+
+
+def _override_at(override: dict[str, Any], default_pattern: Any, scale: float) -> dict[str, Any]:
+    if "sparsity" not in override:  # the allocation decides this layer's share
+        return override
+    pattern = override.get("pattern", default_pattern)
+    target = override["sparsity"] * scale
+    if isinstance(pattern, NM):
+        stepped = _nm_at(pattern, target)
+        # "unstructured" at sparsity 0 is how a config keeps a layer dense (N:M can't be 0)
+        return {"sparsity": 0.0, "pattern": "unstructured"} if stepped is None else {"pattern": stepped}
+    return {**override, "sparsity": target}

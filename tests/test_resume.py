@@ -1,0 +1,122 @@
+"""Killing a run at any point and rerunning it gives the same results as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from sparsenets.cli import main
+from sparsenets.experiments import atomic, load_recipe, run_recipe
+from sparsenets.experiments import protocols as protocols_module
+
+RECIPE = {
+    "name": "resume", "seeds": [0],
+    "data": {"name": "teacher", "train_samples": 1200, "test_samples": 200, "inputs": 16, "classes": 4},
+    "model": {"name": "lenet_300_100", "hidden": [64, 32]},
+    "train": {"optimizer": "sgd", "lr": 0.05, "epochs": 3, "batch_size": 32},
+    "method": {"name": "lottery", "prune_fraction": 0.5, "rewind_step": 5},
+    "sparsity": {"sparsity": 0.875, "allocation": "global"},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_recipe(load_recipe(RECIPE), out)
+    return out
+
+
+def same_files(a, b) -> None:
+    for name in ("results.json", "metrics.jsonl", "recipe.yaml"):
+        assert (a / name).read_text() == (b / name).read_text(), name
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == sorted(p.name for p in (b / "checkpoints").iterdir())
+
+
+def no_partial_files(run) -> None:
+    """Everything there parses; a killed writer may only have left a temporary behind."""
+    json.loads((run / "results.json").read_text())
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    keys = [(row["job"], row["step"]) for row in map(json.loads, lines)]
+    assert len(keys) == len(set(keys))  # no duplicated lines
+    for checkpoint in (run / "checkpoints").glob("*.pt"):
+        torch.load(checkpoint, weights_only=True)
+
+
+def test_killed_process_resumes_to_identical_results(reference, tmp_path, capsys):
+    recipe = tmp_path / "resume.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sparsenets.cli", "run", str(recipe), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while len(list((out / "checkpoints").glob("*.pt"))) < 3:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    total = len(json.loads((reference / "results.json").read_text())["jobs"])
+    finished = len(list((out / "checkpoints").glob("*.pt")))
+    assert 3 <= finished < total, "the kill should land mid-run"
+    no_partial_files(out)
+    assert not json.loads((out / "results.json").read_text())["complete"]
+
+    assert main(command[3:]) == 0  # the same command again (in this process, to save a start-up)
+    assert f"{finished} of {total} networks already trained" in " ".join(capsys.readouterr().out.split())
+    same_files(reference, out)
+    assert not list(out.rglob(f"{atomic.TEMP_PREFIX}*"))
+
+
+def test_interrupted_in_the_middle_of_a_job_resumes_identically(reference, tmp_path, monkeypatch):
+    run_job = protocols_module.LotteryProtocol.run
+    calls = []
+
+    def interrupted(self, job, ctx):
+        calls.append(job.key)
+        if len(calls) == 6:
+            ctx.train = lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt)
+        return run_job(self, job, ctx)
+
+    monkeypatch.setattr(protocols_module.LotteryProtocol, "run", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(RECIPE), out)
+    assert len(list((out / "checkpoints").glob("*.pt"))) == 5
+    monkeypatch.setattr(protocols_module.LotteryProtocol, "run", run_job)
+    run_recipe(load_recipe(RECIPE), out)
+    same_files(reference, out)
+
+
+def test_killed_while_writing_a_checkpoint_leaves_no_partial_file(reference, tmp_path, monkeypatch):
+    save = atomic.torch_save
+    count = []
+
+    def dies_while_writing(path, obj):
+        count.append(path)
+        if len(count) == 4:
+            with atomic._replacing(path) as file:
+                file.write(b"half a checkpoint")
+                raise SystemExit("killed")  # the temporary is cleaned; a real kill would leave it
+        save(path, obj)
+
+    monkeypatch.setattr(atomic, "torch_save", dies_while_writing)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_recipe(load_recipe(RECIPE), out)
+    assert len(list((out / "checkpoints").glob("*.pt"))) == 3
+    stale = out / "checkpoints" / f"{atomic.TEMP_PREFIX}seed0-imp-02.pt.left-by-a-kill"
+    stale.write_bytes(b"half a checkpoint")  # what SIGKILL would leave
+    no_partial_files(out)
+    monkeypatch.setattr(atomic, "torch_save", save)
+    run_recipe(load_recipe(RECIPE), out)
+    same_files(reference, out)
+    assert not stale.exists()
