@@ -1,0 +1,353 @@
+"""``sparsenets bench``: how much faster a block-sparse layer runs than the dense one.
+
+Each case is a Linear weight (``out × in``) whose blocks are kept at random to an exact
+sparsity. Side by side, in one process and with the same weight, it times: dense
+``F.linear``; torch's own BSR and CSR tensors (``torch.sparse.mm``); this library's
+:class:`~sparsenets.layers.BlockSparseLinear`; and SparseLab's ``SparseLinear`` when the
+optional ``sparselab`` package is installed (its own random unstructured mask at the same
+sparsity: it has no block format). Implementations run in interleaved rounds so that load
+from other processes hits them alike; each figure is the median over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMPLEMENTATIONS = ("dense", "torch-bsr", "torch-csr", "sparsenets", "sparselab")
+MODES = ("forward", "forward+backward")
+MIN_ROUNDS = 3  # timed rounds every implementation gets, whatever its time budget
+Step = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: tuple[int, int]  # out × in
+    sparsity: float
+    batch: int
+    mode: str
+
+
+# ---- the implementations ------------------------------------------------------------------------
+# Each returns a step (one forward, or forward + backward) or a string saying why it can't run.
+
+
+def _step(forward: Callable[[], Tensor], leaves: list[Tensor], backward: bool) -> Step:
+    """The forward alone, or a training step: fresh gradients (as after zero_grad), forward, backward."""
+    if not backward:
+        return forward
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        forward().sum().backward()
+    return step
+
+
+def _dense(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:
+    w, x = weight.clone().requires_grad_(backward), x.clone().requires_grad_(backward)
+    return _step(lambda: F.linear(x, w), [w, x], backward)
+
+
+def _torch_sparse(layout: str) -> Callable[..., Step | str]:
+    def build(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:
+        if layout == "bsr":
+            if backward:
+                return "torch has no BSR backward on CPU"
+            if weight.shape[0] % block[0] or weight.shape[1] % block[1]:
+                return "torch's BSR needs shapes that divide by the block"
+            sparse = weight.to_sparse_bsr(block)
+        else:
+            sparse = weight.to_sparse_csr()
+        w, x = sparse.clone().requires_grad_(backward), x.clone().requires_grad_(backward)
+        return _step(lambda: torch.sparse.mm(w, x.t()).t(), [w, x], backward)
+    return build
+
+
+def _sparsenets(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:
+    from .layers import BlockSparseLinear
+
+    layer = BlockSparseLinear.from_dense(weight, mask, None, block)
+    x = x.clone().requires_grad_(backward)
+    return _step(lambda: layer(x), [layer.values, x], backward)
+
+
+def _sparselab(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:
+    if importlib.util.find_spec("sparselab") is None:
+        return "not installed (pip install sparselab)"
+    # SparseLab bundles a second OpenMP runtime; its idle threads would spin on the cores the
+    # other implementations are timed on. Passive waiting (read when it loads) prevents that.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import sparselab
+
+    # SparseLab caches transposed weights by id(); a new layer can reuse a freed layer's id and
+    # get its stale transpose (0.2.2: wrong gradients or IndexError). Start each case afresh.
+    clear_cache = getattr(getattr(sparselab, "ops", None), "_clear_transpose_cache", None)
+    if clear_cache is not None:
+        clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = sparselab.SparseLinear(weight.shape[1], weight.shape[0], bias=False, sparsity=sparsity)
+    x = x.clone().requires_grad_(backward)
+    return _step(lambda: layer(x), [*layer.parameters(), x], backward)
+
+
+BUILDERS = {"dense": _dense, "torch-bsr": _torch_sparse("bsr"), "torch-csr": _torch_sparse("csr"),
+            "sparsenets": _sparsenets, "sparselab": _sparselab}
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+def block_mask(shape: tuple[int, int], block: tuple[int, int], sparsity: float, generator) -> Tensor:
+    """A mask keeping ``round((1 - sparsity) · n_blocks)`` blocks chosen at random."""
+    rows, cols = -(-shape[0] // block[0]), -(-shape[1] // block[1])
+    n_keep = round((1 - sparsity) * rows * cols)
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    keep[torch.randperm(rows * cols, generator=generator)[:n_keep]] = True
+    keep = keep.view(rows, cols).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return keep[: shape[0], : shape[1]].contiguous()
+
+
+def measure(case: Case, block: tuple[int, int], impls: list[str], repeats: int, warmup: int,
+            budget_s: float = 2.0, seed: int = 0) -> dict:
+    """Median milliseconds of each implementation on one case, plus speedups; a JSON-ready row."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = block_mask(case.shape, block, case.sparsity, generator)
+    weight = torch.randn(case.shape, generator=generator) * mask
+    x = torch.randn(case.batch, case.shape[1], generator=generator)
+    backward = case.mode == "forward+backward"
+    steps, notes = {}, {}
+    for name in impls:
+        built = BUILDERS[name](weight, mask, block, case.sparsity, x, backward)
+        if isinstance(built, str):
+            notes[name] = built
+        else:
+            steps[name] = built
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    context = torch.enable_grad if backward else torch.inference_mode
+    with context():
+        for round_ in range(warmup + repeats):
+            for name, step in steps.items():
+                # A very slow implementation stops after MIN_ROUNDS once it has used its budget.
+                if len(times[name]) >= MIN_ROUNDS and sum(times[name]) > budget_s * 1e3:
+                    continue
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+                if round_ >= warmup:
+                    times[name].append(elapsed * 1e3)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    density = mask.float().mean().item()
+    speedup = {name: ms["dense"] / t for name, t in ms.items()} if "dense" in ms else {}
+    return {
+        "shape": list(case.shape), "pattern": f"block:{block[0]}x{block[1]}", "sparsity": case.sparsity,
+        "density": density, "batch": case.batch, "mode": case.mode, "threads": torch.get_num_threads(),
+        "ms": ms, "rounds": {name: len(t) for name, t in times.items()}, "speedup": speedup,
+        "fraction_of_ideal": {name: s * density for name, s in speedup.items()},
+        "notes": notes,
+    }
+
+
+def run(cases: list[Case], block: tuple[int, int], impls: list[str], repeats: int, warmup: int,
+        budget_s: float = 2.0, progress: bool = True) -> list[dict]:
+    from rich.progress import Progress
+
+    rows = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("benchmarking", total=len(cases))
+        for case in cases:
+            bar.update(task, description=f"{case.shape[0]}x{case.shape[1]} s={case.sparsity} "
+                                         f"batch={case.batch} {case.mode}")
+            rows.append(measure(case, block, impls, repeats, warmup, budget_s))
+            bar.advance(task)
+    return rows
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    from .kernels import cpu
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "kernels": cpu.describe(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(rows: list[dict], impls: list[str]):
+    from rich.table import Table
+
+    out = Table(title="Linear layer: median ms (speedup over dense)", title_justify="left")
+    for col in ("shape", "sparsity", "batch", "mode"):
+        out.add_column(col, justify="right" if col in ("sparsity", "batch") else "left")
+    for name in impls:
+        out.add_column(name, justify="right")
+    out.add_column("ideal", justify="right")
+    out.add_column("sparsenets / ideal", justify="right")
+    for row in rows:
+        mode = {"forward": "fwd", "forward+backward": "fwd+bwd"}[row["mode"]]
+        cells = [f"{row['shape'][0]}x{row['shape'][1]}", f"{row['sparsity']:.0%}", str(row["batch"]), mode]
+        for name in impls:
+            if name in row["ms"]:
+                speed = row["speedup"].get(name)
+                cells.append(f"{row['ms'][name]:.3g}" + (f" ({speed:.2f}x)" if speed and name != "dense" else ""))
+            else:
+                cells.append("n/a")
+        cells.append(f"{1 / row['density']:.1f}x" if row["density"] else "-")
+        fraction = row["fraction_of_ideal"].get("sparsenets")
+        cells.append(f"{fraction:.0%}" if fraction is not None else "-")
+        out.add_row(*cells)
+    return out
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a crash leaves the old file or none, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        out, inp = (int(v) for v in text.lower().split("x"))
+        if out < 1 or inp < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 2048x2048 (out x in), got {text!r}") from None
+    return out, inp
+
+
+def _block(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        r, c = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+        if r < 1 or c < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block must look like 32x32 or 32, got {text!r}") from None
+    return r, c
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+_DESCRIPTION = """\
+Time a block-sparse Linear layer against the dense one and other sparse implementations:
+dense F.linear, torch's BSR and CSR tensors (torch.sparse.mm), sparsenets' BlockSparseLinear,
+and SparseLab's SparseLinear when the optional sparselab package is installed (it has no block
+format, so it uses its own random unstructured mask at the same sparsity). All run in one
+process on the same weight, in interleaved rounds; each figure is the median over the rounds."""
+
+_EXAMPLES = """\
+examples:
+  sparsenets bench                                      # the default table, about a minute
+  sparsenets bench --sparsities 0.9 --batches 512 --modes forward --impls dense sparsenets
+  sparsenets bench --shapes 4096x1024 1024x4096 --block 16x16 --threads 1 --json bench.json"""
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time block-sparse layers against dense and other sparse implementations",
+        description=_DESCRIPTION, epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(2048, 2048)], metavar="OUTxIN",
+                        help="Linear weight shapes, out x in (default: 2048x2048)")
+    parser.add_argument("--sparsities", nargs="+", type=_sparsity, default=[0.5, 0.75, 0.9], metavar="S",
+                        help="fractions of blocks removed (default: 0.5 0.75 0.9)")
+    parser.add_argument("--batches", nargs="+", type=_positive, default=[512, 1], metavar="N",
+                        help="input rows per call (default: 512 1)")
+    parser.add_argument("--block", type=_block, default=(32, 32), metavar="RxC",
+                        help="block shape, rows x columns of the weight (default: 32x32)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="what one timed step runs (default: both)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
+                        metavar="IMPL", help=f"implementations to compare, from {', '.join(IMPLEMENTATIONS)}; "
+                                             f"dense is always included (default: all)")
+    parser.add_argument("--repeats", type=_positive, default=7, help="timed rounds; the median is reported (default: 7)")
+    parser.add_argument("--warmup", type=_count, default=2, help="untimed rounds first (default: 2)")
+    parser.add_argument("--budget", type=float, default=2.0, metavar="SECONDS",
+                        help=f"time one implementation may spend on one case; slower ones stop after "
+                             f"{MIN_ROUNDS} timed rounds (default: 2)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="CPU threads (default: torch's current setting)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    impls = ["dense"] + [name for name in args.impls if name != "dense"]
+    cases = [Case(shape, sparsity, batch, mode) for shape in args.shapes for batch in args.batches
+             for mode in args.modes for sparsity in args.sparsities]
+    rows = run(cases, args.block, impls, args.repeats, args.warmup, args.budget)
+    console = Console() if Console().is_terminal else Console(width=160)
+    console.print(table(rows, impls))
+    notes = {f"{name}: {note}" for row in rows for name, note in row["notes"].items()}
+    info = machine()
+    load = f", load average {info['load_average'][0]:.2f}" if info["load_average"] else ""
+    console.print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}{load}; "
+                  f"{info['kernels']}")
+    for note in sorted(notes):
+        console.print(f"[dim]n/a: {note}[/dim]")
+    if "sparselab" in impls:
+        console.print("[dim]sparselab: its own random unstructured mask at the same sparsity[/dim]")
+    if args.json:
+        write_json(args.json, {"machine": info, "block": list(args.block), "rows": rows})
+        console.print(f"wrote {args.json}")
+    return 0

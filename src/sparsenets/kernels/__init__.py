@@ -1,0 +1,138 @@
+"""Block-sparse matrix products: the one place that picks an implementation.
+
+:func:`block_sparse_linear` computes ``x · Wᵀ + bias`` for a weight that keeps only some
+``r × c`` blocks (see :mod:`.layout`) and differentiates with respect to the input, the kept
+blocks and the bias. Backends:
+
+- ``"cpu"``: compiled C kernels (fp32 on CPU), built on first use.
+- ``"triton"``: Triton kernels (CUDA tensors, blocks of 16+ with power-of-two sides).
+- ``"torch"``: batched dense products per block in plain torch ops; any device and dtype.
+
+``"auto"`` takes the first that fits the tensors; ``SPARSENETS_KERNELS=torch`` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import cpu, reference
+from .layout import BlockLayout, block_keep, gather_blocks, scatter_blocks
+
+__all__ = ["BACKENDS", "BlockLayout", "block_keep", "block_sparse_linear", "choose_backend",
+           "gather_blocks", "scatter_blocks"]
+
+BACKENDS = ("auto", "cpu", "triton", "torch")
+
+
+class _CpuBlockSparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, layout: BlockLayout) -> Tensor:
+        ctx.layout = layout
+        ctx.save_for_backward(x, values)
+        return cpu.linear(x, values, layout, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, values = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        need_x, need_values, need_bias, _ = ctx.needs_input_grad
+        grad_x = cpu.input_grad(grad_out, values, ctx.layout) if need_x else None
+        grad_values = cpu.values_grad(grad_out, x, ctx.layout) if need_values else None
+        grad_bias = grad_out.sum(0) if need_bias else None
+        return grad_x, grad_values, grad_bias, None
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cpu_fits(x: Tensor, values: Tensor) -> str | None:
+    """Why the C kernels can't take these tensors, or None if they can."""
+    if x.device.type != "cpu" or values.device.type != "cpu":
+        return f"they need CPU tensors, got {x.device.type}"
+    if x.dtype != torch.float32:
+        return f"they need float32, got {x.dtype}"
+    if not cpu.available():
+        return "they could not be compiled on this machine"
+    return None
+
+
+def _triton_fits(x: Tensor, values: Tensor, layout: BlockLayout) -> str | None:
+    if not _triton_importable():
+        return "triton is not installed"
+    if not all(side >= 16 and side & (side - 1) == 0 for side in layout.block):
+        return f"block sides must be powers of two >= 16, got {layout.block[0]}x{layout.block[1]}"
+    return None
+
+
+def choose_backend(x: Tensor, values: Tensor, layout: BlockLayout, backend: str = "auto") -> str:
+    """The backend :func:`block_sparse_linear` runs these tensors on; raises if a named one can't."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "cpu" and (why := _cpu_fits(x, values)):
+        raise ValueError(f"backend 'cpu' can't run these tensors: {why}")
+    if backend == "triton" and (why := _triton_fits(x, values, layout)):
+        raise ValueError(f"backend 'triton' can't run these tensors: {why}")
+    if backend != "auto":
+        return backend
+    if os.environ.get("SPARSENETS_KERNELS", "").lower() == "torch":
+        return "torch"
+    if x.device.type == "cpu" and _cpu_fits(x, values) is None:
+        return "cpu"
+    if x.device.type == "cuda" and _triton_fits(x, values, layout) is None:
+        return "triton"
+    return "torch"
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # older torch, or a device without autocast
+        pass
+    return None
+
+
+@torch.compiler.disable  # opaque to torch.compile: the kernels run eagerly between compiled graphs
+def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None,
+                        backend: str = "auto") -> Tensor:
+    """``x (..., in) -> (..., out)``: the product with the block-sparse weight, plus ``bias``."""
+    if x.shape[-1] != layout.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
+                         f"the layer expects {layout.in_features}")
+    r, c = layout.block
+    if tuple(values.shape) != (layout.nnz, r, c):
+        raise ValueError(f"values of shape {tuple(values.shape)} do not match {layout.nnz} blocks of {r}x{c}")
+    if (dtype := _autocast_dtype(x.device.type)) is not None:  # behave like F.linear under autocast
+        x, values = x.to(dtype), values.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    for name, t in (("values", values), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} are {t.dtype} but the input is {x.dtype}; convert one of them")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, layout.in_features)
+    name = choose_backend(x2d, values, layout, backend)
+    if name == "cpu":
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, values, bias)):
+            y = _CpuBlockSparseLinear.apply(x2d, values.contiguous(), bias, layout)
+        else:  # inference: skip the autograd machinery, which costs more than a small product
+            y = cpu.linear(x2d, values.contiguous(), layout, bias)
+    elif name == "triton":
+        from .triton import linear as triton_linear
+
+        y = triton_linear(x2d, values, layout, bias)
+    else:
+        y = reference.linear(x2d, values, layout, bias)
+    return y.reshape(*lead, layout.out_features)

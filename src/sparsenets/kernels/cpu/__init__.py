@@ -1,0 +1,121 @@
+"""The C kernels on CPU fp32 tensors, called through ctypes with raw data pointers.
+
+Every operand is 2-D with unit stride along its rows (a row stride is passed on), index
+tensors are contiguous int64, and outputs are allocated here. Threads follow
+``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockLayout
+from .build import BuildError, load
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (with one warning) when they cannot be built here."""
+    try:
+        lib = load()
+    except (BuildError, OSError) as err:
+        warnings.warn(f"sparsenets: block-sparse CPU kernels unavailable, using the slower torch "
+                      f"fallback ({err})", RuntimeWarning, stacklevel=3)
+        return None
+    lib.bsp_spmm.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
+                             _ptr, _ptr, _ptr, _ptr, _int, _ptr, _int]
+    lib.bsp_spmm.restype = _int
+    lib.bsp_sddmm.argtypes = [_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+                              _ptr, _ptr, _ptr, _int]
+    lib.bsp_sddmm.restype = None
+    lib.bsp_gemv.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
+                             _ptr, _ptr, _ptr, _ptr, _int]
+    lib.bsp_gemv.restype = None
+    lib.bsp_vector_width.restype = _int
+    lib.bsp_tile_rows.restype = _int
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def describe() -> str:
+    """One line on the compiled kernels, for benchmark reports."""
+    lib = library()
+    if lib is None:
+        return "C kernels unavailable (torch fallback)"
+    return f"C kernels: {lib.bsp_vector_width()}-float vectors, {lib.bsp_tile_rows()}-row register tiles"
+
+
+# Below this many input rows the forward reads W as stored instead of packing it transposed.
+GEMV_ROWS = int(os.environ.get("SPARSENETS_GEMV_ROWS", 8))
+# Multiply-adds worth another thread (a few µs of work): a fork-join costs microseconds on an
+# idle machine but up to a scheduler time slice when the cores are busy, so tiny products
+# stay on the calling thread.
+_WORK_PER_THREAD = 1 << 17
+
+
+def _threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
+
+
+def _spmm(inp: Tensor, in_dim: int, out_dim: int, in_block: int, out_block: int, ptr: Tensor,
+          in_blk: Tensor, blk: Tensor | None, values: Tensor, transposed: bool,
+          bias: Tensor | None) -> Tensor:
+    rows = inp.shape[0]
+    out = inp.new_empty(rows, out_dim)
+    if rows == 0:
+        return out
+    work = rows * in_blk.numel() * in_block * out_block
+    status = library().bsp_spmm(
+        rows, inp.data_ptr(), inp.stride(0), in_dim, out.data_ptr(), out_dim, out_dim,
+        in_block, out_block, ptr.data_ptr(), in_blk.data_ptr(),
+        None if blk is None else blk.data_ptr(), values.data_ptr(), int(transposed),
+        None if bias is None else bias.data_ptr(), _threads(work))
+    if status != 0:
+        raise MemoryError(f"block-sparse kernel could not allocate its buffers for {rows} rows")
+    return out
+
+
+def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None) -> Tensor:
+    """``x (rows, in) -> x · Wᵀ + bias (rows, out)``."""
+    r, c = layout.block
+    rows = x.shape[0]
+    if 0 < rows < GEMV_ROWS:
+        out = x.new_empty(rows, layout.out_features)
+        library().bsp_gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
+                           layout.out_features, layout.out_features, r, c, layout.row_ptr.data_ptr(),
+                           layout.col_idx.data_ptr(), values.data_ptr(),
+                           None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
+        return out
+    return _spmm(x, layout.in_features, layout.out_features, c, r, layout.row_ptr, layout.col_idx,
+                 None, values, True, bias)
+
+
+def input_grad(grad_out: Tensor, values: Tensor, layout: BlockLayout) -> Tensor:
+    """``dX = dY · W``, walking the blocks column-block by column-block."""
+    r, c = layout.block
+    return _spmm(grad_out, layout.out_features, layout.in_features, r, c, layout.t_ptr, layout.t_row,
+                 layout.t_block, values, False, None)
+
+
+def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
+    """``dValues[e] = dY[:, rows(e)]ᵀ · X[:, cols(e)]``, for the kept blocks only."""
+    r, c = layout.block
+    grad = torch.empty(layout.nnz, r, c, dtype=x.dtype)
+    if layout.nnz:
+        library().bsp_sddmm(
+            x.shape[0], grad_out.data_ptr(), grad_out.stride(0), x.data_ptr(), x.stride(0),
+            layout.out_features, layout.in_features, r, c, layout.nnz,
+            layout.row_idx.data_ptr(), layout.col_idx.data_ptr(), grad.data_ptr(),
+            _threads(x.shape[0] * layout.nnz * r * c))
+    return grad

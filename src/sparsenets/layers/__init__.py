@@ -1,0 +1,8 @@
+"""Layers that run sparse weights fast: block-sparse on CPU (and CUDA via Triton), CSR, 2:4 on GPU."""
+
+from .block_sparse import BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear
+from .csr import CSRLinear
+from .semi_structured import SemiStructuredLinear, semi_structured_supported
+
+__all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear", "CSRLinear", "SemiStructuredLinear",
+           "semi_structured_supported"]

@@ -1,0 +1,110 @@
+"""``CSRLinear``: a Linear layer whose weight is a compressed-sparse-row matrix.
+
+For unstructured and N:M weights at low density, where a sparse-times-dense product
+(MKL on CPU) beats the dense GEMM. The kept values are an ``nn.Parameter``, so the layer
+trains with autograd; the sparsity structure is fixed (buffers ``crow_indices``, ``col_indices``),
+and state_dict, deepcopy and pickling work as for any module.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+# torch warns once per process that sparse CSR support is "beta" (the ops used here are
+# stable): spend that one warning here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                            (1, 1), check_invariants=False)
+
+
+class CSRLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` (``out × in``) stored as CSR; ``x`` is ``(..., in)``."""
+
+    def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.values = nn.Parameter(torch.zeros(nnz, dtype=dtype, device=device))
+        self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
+        self.register_buffer("col_indices", torch.zeros(nnz, dtype=torch.int32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None, bias: Tensor | None = None) -> CSRLinear:
+        """Keep the entries of ``weight`` (``out × in``) where ``mask`` is True (default: the nonzeros)."""
+        if weight.dim() != 2:
+            raise ValueError(f"CSRLinear needs a 2-D (out x in) weight, got shape {tuple(weight.shape)}")
+        keep = (weight != 0) if mask is None else mask.to(torch.bool)
+        if keep.shape != weight.shape:
+            raise ValueError(f"mask of shape {tuple(keep.shape)} does not match weight {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        rows, cols = keep.nonzero(as_tuple=True)
+        layer = cls(in_features, out_features, rows.numel(), bias is not None, weight.dtype, weight.device)
+        counts = torch.bincount(rows, minlength=out_features)
+        with torch.no_grad():
+            layer.crow_indices.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+            layer.col_indices.copy_(cols)
+            layer.values.copy_(weight.detach()[rows, cols])
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint may keep other entries than this layer: adopt its structure first.
+        values = state_dict.get(prefix + "values")
+        if values is not None and values.shape != self.values.shape:
+            self.values = nn.Parameter(self.values.new_zeros(values.shape), requires_grad=self.values.requires_grad)
+            self.col_indices = self.col_indices.new_zeros(values.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(self.in_features * self.out_features, 1)
+
+    def sparse_weight(self) -> Tensor:
+        """The weight as a torch sparse CSR tensor (differentiable in ``values``)."""
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
+                                       (self.out_features, self.in_features), check_invariants=False)
+
+    def dense_weight(self) -> Tensor:
+        return self.sparse_weight().to_dense()
+
+    def mask(self) -> Tensor:
+        """Boolean ``out × in`` map of the stored entries."""
+        ones = torch.ones_like(self.values, dtype=torch.bool)
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, ones,
+                                       (self.out_features, self.in_features), check_invariants=False).to_dense()
+
+    @property
+    def weight(self) -> Tensor:
+        """A dense copy, for code that reads ``layer.weight`` (slow; the forward never uses it)."""
+        return self.dense_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
+                             f"the layer expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        weight = self.sparse_weight()
+        # W·xᵀ is the product MKL runs sparse-times-dense; the result is transposed back (a view).
+        if self.bias is None:
+            y = torch.sparse.mm(weight, x2d.t())
+        else:
+            y = torch.addmm(self.bias.unsqueeze(1), weight, x2d.t())
+        return y.t().reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"density={self.density:.4f}, bias={self.bias is not None}")
