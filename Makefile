@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/sparsenets demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

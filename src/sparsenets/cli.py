@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("sparsenets.experiments.commands", "sparsenets.bench", "sparsenets.compression.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,369 @@
+"""Removing whole neurons and channels, together with everything that indexes them.
+
+A *channel group* is one layer's outputs plus what reads them: the BatchNorms on the way
+and the input columns of every layer downstream. Groups are found by tracing with torch.fx
+(on the largest submodules that trace) and from the known layout of transformer
+feed-forward blocks. Anything a trace can't account for (a residual add, a concatenation,
+the model's output, a reshape that names a size) ends the search and the layer stays whole.
+
+An output channel can go when every reader either ignores it (its input weights are zero)
+or sees a known constant there: zero, or a value that folds into the reader's bias. A layer
+whose weight row is zero outputs its bias, so "dead" channels are constants, not zeros; the
+constant is carried through activations and BatchNorm (eval mode) to each reader.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ..targets import is_hf_conv1d
+from . import surgery as S
+from .probe import Calls
+
+Step = Callable[[Tensor], Tensor]  # what happens to per-channel constants (NaN = not constant)
+
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Hardtanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Identity,
+)
+# Hugging Face activations (transformers.activations), matched by name: all parameter-free.
+HF_ELEMENTWISE = {
+    "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
+    "PytorchGELUTanh", "ClippedGELUActivation", "AccurateGELUActivation", "SiLUActivation",
+    "MishActivation", "LinearActivation", "ReLUSquaredActivation", "LaplaceActivation",
+}
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+ELEMENTWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh,
+    F.hardswish, F.hardsigmoid, F.mish, F.softplus, torch.tanh, torch.sigmoid, F.tanh, F.sigmoid,
+}
+IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+         nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def is_elementwise(fn: object) -> bool:
+    """A parameter-free function applied to each element on its own (an activation)."""
+    if isinstance(fn, nn.Module):
+        return isinstance(fn, ELEMENTWISE_MODULES + IDENTITY_MODULES) or type(fn).__name__ in HF_ELEMENTWISE
+    return fn in ELEMENTWISE_FUNCTIONS or fn in IDENTITY_FUNCTIONS
+
+
+def _apply(fn: Callable) -> Step:
+    def step(values: Tensor) -> Tensor:
+        with torch.no_grad():
+            return fn(values.clone())
+    return step
+
+
+def _batchnorm(norm: nn.Module) -> Step:
+    def step(values: Tensor) -> Tensor:
+        if norm.running_mean is None:  # normalizes with batch statistics: not a constant map
+            return torch.full_like(values, math.nan)
+        with torch.no_grad():
+            return F.batch_norm(values[None], norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                False, 0.0, norm.eps)[0]
+    return step
+
+
+def _pool(pool: nn.Module) -> Step:
+    # Max and adaptive pools map a constant plane to itself; average pooling with zero
+    # padding counted in does not (the border averages in the padding), except for zeros.
+    padded = getattr(pool, "padding", 0)
+    exact = not isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) or (
+        getattr(pool, "divisor_override", None) is None
+        and (not pool.count_include_pad or all(p == 0 for p in _tuple(padded))))
+
+    def step(values: Tensor) -> Tensor:
+        return values if exact else torch.where(values == 0, values, math.nan)
+    return step
+
+
+def _tuple(value: object) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+@dataclass
+class Reader:
+    """A layer reading a group's channels, ``spread`` consecutive inputs per channel."""
+
+    name: str
+    module: nn.Module
+    spread: int = 1
+    steps: tuple[Step, ...] = ()
+
+    def constants(self, values: Tensor) -> Tensor:
+        for step in self.steps:
+            values = step(values)
+        return values
+
+
+@dataclass
+class ChannelGroup:
+    name: str
+    producer: nn.Module
+    readers: list[Reader]
+    norms: list[nn.Module] = field(default_factory=list)
+
+
+def shrink_group(group: ChannelGroup) -> str | None:
+    """Remove the group's removable channels; returns what was done, or None."""
+    producer = group.producer
+    dead = S.dead_outputs(producer)
+    values = torch.where(dead, S.bias_or_zeros(producer), math.nan)
+    removable = torch.ones_like(dead)
+    plans = []
+    for reader in group.readers:
+        at_reader = reader.constants(values)
+        free = S.unused_inputs(reader.module, reader.spread) | (at_reader == 0)
+        foldable = torch.isfinite(at_reader) & S.can_fold(reader.module)
+        removable &= free | foldable
+        plans.append((reader, at_reader, free))
+    merged = _merge_constants(plans[0], dead, removable) if len(plans) == 1 else torch.zeros_like(dead)
+    removable |= merged
+    if removable.all():  # keep one channel: a layer with no outputs is not a layer
+        removable[int(torch.argmin(dead.to(torch.int8)))] = False
+    if not removable.any():
+        return None
+    keep = (~removable).nonzero().squeeze(1)
+    for reader, at_reader, free in plans:
+        fold = removable & ~free & ~merged
+        if fold.any():
+            S.fold_constant_inputs(reader.module, fold.nonzero().squeeze(1), at_reader[fold], reader.spread)
+        S.keep_inputs(reader.module, keep, reader.spread)
+    for norm in group.norms:
+        S.keep_batchnorm_channels(norm, keep)
+    S.keep_outputs(producer, keep)
+    readers = ", ".join(r.name for r in group.readers)
+    return f"{group.name}: removed {int(removable.sum())} of {removable.numel()} outputs (and inputs of {readers})"
+
+
+def _merge_constants(plan: tuple[Reader, Tensor, Tensor], dead: Tensor, removable: Tensor) -> Tensor:
+    """Constant channels a padded convolution reads: all but one can go (see merge_constant_inputs)."""
+    reader, at_reader, _ = plan
+    merge = dead & torch.isfinite(at_reader) & (at_reader != 0) & ~removable
+    if int(merge.sum()) < 2 or reader.spread != 1:
+        return torch.zeros_like(merge)
+    target = int(torch.argmax(torch.where(merge, at_reader.abs(), -1.0)))
+    merge[target] = False
+    S.merge_constant_inputs(reader.module, target, merge.nonzero().squeeze(1), at_reader)
+    return merge
+
+
+# ---- known transformer feed-forward blocks -------------------------------------------------------
+
+
+def feedforward_groups(model: nn.Module) -> Iterator[ChannelGroup]:
+    """The hidden neurons of BERT-, GPT-2- and torch-style transformer MLPs."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+        if (isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear)
+                and is_elementwise(getattr(inter, "intermediate_act_fn", None))):
+            yield ChannelGroup(f"{prefix}intermediate.dense", inter.dense,
+                               [Reader(f"{prefix}output.dense", out.dense, 1, (_apply(inter.intermediate_act_fn),))])
+        elif (is_hf_conv1d(getattr(module, "c_fc", None)) and is_hf_conv1d(getattr(module, "c_proj", None))
+              and is_elementwise(getattr(module, "act", None))):
+            yield ChannelGroup(f"{prefix}c_fc", module.c_fc,
+                               [Reader(f"{prefix}c_proj", module.c_proj, 1, (_apply(module.act),))])
+        elif isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and is_elementwise(
+                module.activation):
+            yield ChannelGroup(f"{prefix}linear1", module.linear1,
+                               [Reader(f"{prefix}linear2", module.linear2, 1, (_apply(module.activation),))])
+
+
+# ---- traced models ---------------------------------------------------------------------------------
+
+
+class _Tracer(fx.Tracer):
+    """Stops at torch layers, HF Conv1D and known activations; everything else is inlined."""
+
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(module, qualname) or is_hf_conv1d(module) or is_elementwise(module)
+
+
+def traced_regions(model: nn.Module) -> Iterator[tuple[str, nn.Module, fx.Graph]]:
+    """The largest submodules that torch.fx traces, each with its graph (top-down search)."""
+    tracer = _Tracer()
+
+    def visit(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module, fx.Graph]]:
+        if tracer.is_leaf_module(module, prefix) and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(module)
+        except Exception:  # noqa: BLE001 - any failure just means "look inside"
+            for name, child in module.named_children():
+                yield from visit(f"{prefix}.{name}" if prefix else name, child)
+            return
+        yield prefix, module, graph
+
+    yield from visit("", model)
+
+
+class _Stop(Exception):
+    """The channels reach something we can't follow."""
+
+
+@dataclass
+class _Search:
+    root: nn.Module
+    prefix: str
+    usable: Callable[[str], bool]
+    shapes: dict[nn.Module, Calls]
+    readers: list[Reader] = field(default_factory=list)
+    norms: list[nn.Module] = field(default_factory=list)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.root.get_submodule(node.target)
+
+    def qualname(self, target: str) -> str:
+        return f"{self.prefix}.{target}" if self.prefix else target
+
+    def output_shape(self, module: nn.Module) -> tuple[int, ...] | None:
+        calls = self.shapes.get(module)
+        return calls.output_shape if calls else None
+
+
+def graph_groups(prefix: str, root: nn.Module, graph: fx.Graph, shapes: dict[nn.Module, Calls],
+                 shared: set[int]) -> list[ChannelGroup]:
+    """Channel groups of every layer in a traced graph whose channels can be followed to their readers."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
+
+    def usable(target: str) -> bool:
+        # called once, never read as a tensor elsewhere, not shared with another path
+        return (calls[target] == 1 and id(root.get_submodule(target)) not in shared
+                and not any(a == target or a.startswith(target + ".") for a in attrs))
+
+    groups = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not usable(node.target):
+            continue
+        module = root.get_submodule(node.target)
+        if not S.is_gemm_layer(module):
+            continue
+        search = _Search(root, prefix, usable, shapes)
+        shape = search.output_shape(module)
+        axes = {1} if isinstance(module, S.CONV_TYPES) else {-1}
+        if shape is not None and len(shape) == 2:
+            axes = {1, -1}
+        try:
+            _follow(node, search, axes, shape, 1, ())
+        except _Stop:
+            continue
+        if search.readers:
+            groups.append(ChannelGroup(search.qualname(node.target), module, search.readers, search.norms))
+    return groups
+
+
+def _only_input(user: fx.Node, node: fx.Node) -> None:
+    """``node`` must be the first argument of ``user`` and appear nowhere else in its arguments."""
+    others: list[fx.Node] = []
+    fx.node.map_arg((user.args[1:], user.kwargs), others.append)
+    if not user.args or user.args[0] is not node or node in others:
+        raise _Stop
+
+
+def _constant_args(user: fx.Node) -> None:
+    """Every argument after the first is a plain constant (not another tensor)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((user.args[1:], user.kwargs), found.append)
+    if found:
+        raise _Stop
+
+
+def _reads_only_batch_size(user: fx.Node, node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.shape[0]``: reads that stay true when channels go."""
+    if user.op == "call_method" and user.target == "size" and len(user.args) == 2 and user.args[1] == 0:
+        return True
+    whole = (user.op == "call_method" and user.target == "size" and len(user.args) == 1) or (
+        user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",))
+    return whole and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
+                         for u in user.users)
+
+
+def _is_batch_size(arg: object, node: fx.Node) -> bool:
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size" and arg.args == (node, 0):
+        return True
+    return (arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0
+            and isinstance(arg.args[0], fx.Node) and arg.args[0].args[:1] == (node,))
+
+
+def _flattens(user: fx.Node, node: fx.Node, module: nn.Module | None) -> bool:
+    """``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``."""
+    if module is not None:
+        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+    args, kwargs = user.args, user.kwargs
+    if (user.op == "call_function" and user.target is torch.flatten) or (
+            user.op == "call_method" and user.target == "flatten"):
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    if user.op == "call_method" and user.target in ("view", "reshape"):
+        sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return len(sizes) == 2 and _is_batch_size(sizes[0], node) and sizes[1] == -1
+    return False
+
+
+def _follow(node: fx.Node, search: _Search, axes: set[int], shape: tuple[int, ...] | None,
+            spread: int, steps: tuple[Step, ...]) -> None:
+    """Walk every use of ``node``'s channels (at ``axes``) to the layers that read them."""
+    for user in node.users:
+        if _reads_only_batch_size(user, node):
+            continue
+        _only_input(user, node)
+        module = search.module(user) if user.op == "call_module" else None
+        stateless = module is not None and (is_elementwise(module) or isinstance(module, (POOLS, nn.Flatten)))
+        if module is not None and not stateless and not search.usable(user.target):
+            raise _Stop  # a layer we would cut is used elsewhere too (one ReLU reused is fine)
+        if module is not None and S.is_gemm_layer(module):
+            wanted = 1 if isinstance(module, S.CONV_TYPES) else -1
+            if wanted not in axes or (wanted == 1 and spread != 1):
+                raise _Stop
+            search.readers.append(Reader(search.qualname(user.target), module, spread, steps))
+        elif _flattens(user, node, module):
+            if shape is None or 1 not in axes or spread != 1:
+                raise _Stop
+            inner = math.prod(shape[2:])
+            _follow(user, search, {1, -1}, (shape[0], math.prod(shape[1:])), inner, steps)
+        elif module is not None and isinstance(module, S.BATCHNORM_TYPES):
+            if 1 not in axes or spread != 1:
+                raise _Stop
+            search.norms.append(module)
+            _follow(user, search, axes, shape, spread, steps + (_batchnorm(module),))
+        elif module is not None and isinstance(module, POOLS):
+            if 1 not in axes or spread != 1 or shape is None or len(shape) < 3:
+                raise _Stop
+            _follow(user, search, {1}, search.output_shape(module), spread, steps + (_pool(module),))
+        elif module is not None and isinstance(module, IDENTITY_MODULES):
+            _follow(user, search, axes, shape, spread, steps)
+        elif module is not None and is_elementwise(module):
+            _follow(user, search, axes, shape, spread, steps + (_apply(module),))
+        elif user.op == "call_function" and user.target in IDENTITY_FUNCTIONS:
+            _constant_args(user)
+            _follow(user, search, axes, shape, spread, steps)
+        elif user.op == "call_function" and user.target in ELEMENTWISE_FUNCTIONS:
+            _constant_args(user)
+            fn, args, kwargs = user.target, user.args[1:], dict(user.kwargs)
+            kwargs.pop("inplace", None)
+            _follow(user, search, axes, shape, spread, steps + (_apply(lambda v: fn(v, *args, **kwargs)),))
+        elif user.op == "call_method" and user.target in ELEMENTWISE_METHODS and len(user.args) == 1:
+            method = user.target.rstrip("_")
+            _follow(user, search, axes, shape, spread, steps + (_apply(lambda v: getattr(v, method)()),))
+        else:
+            raise _Stop
