@@ -35,14 +35,7 @@ HD = E // H
 SPARSITY = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest, and it doesn't spin-wait (and slow
-    down many-fold) when the CPU is shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- models ------------------------------------------------------------------------------------
