@@ -12,7 +12,8 @@ import sys
 
 from . import __version__
 
-COMMAND_MODULES: tuple[str, ...] = ("sparsenets.experiments.commands", "sparsenets.bench", "sparsenets.compression.cli")
+COMMAND_MODULES: tuple[str, ...] = ("sparsenets.experiments.commands", "sparsenets.bench", "sparsenets.compression.cli",
+                                     "sparsenets.experiments.strong_tickets")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,9 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from rich.console import Console
 
 from ..config import ConfigError
+from .protocols import PROTOCOLS
 from .recipe import load_recipe
 from .runner import RunDir, RunDirError, finish, run_recipe
 from .summary import load_results
@@ -49,11 +52,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
         "run", formatter_class=_FORMAT, help="run an experiment from a YAML recipe (resumable)",
         description="Run the experiment a YAML recipe describes: data, model, training, method "
-                    "(dense, oneshot, gradual, lottery) and sparsity config. Results, checkpoints, "
+                    f"({', '.join(PROTOCOLS)}) and sparsity config. Results, checkpoints, "
                     "plots and report.md go to the run directory; rerunning the same command "
                     "resumes an interrupted run, or reprints the summary of a finished one.",
         epilog="examples:\n  sparsenets run recipes/lth_mnist1d.yaml\n"
-               "  sparsenets run recipes/oneshot_mnist1d.yaml --out runs/oneshot\n\n"
+               "  sparsenets run recipes/oneshot_mnist1d.yaml --out runs/oneshot\n"
+               "  sparsenets run recipes/slt_attention.yaml      # strong lottery tickets in attention\n\n"
                "recipe sections: name, description, seeds, threads, data, model, train, method, sparsity;\n"
                "see docs/experiments.md and the recipes/ directory.")
     run.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file")
@@ -91,7 +95,19 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if not Path(args.recipe).is_file():
         return _fail(f"recipe file {args.recipe!r} not found")
+    if _is_strong_ticket_recipe(args.recipe):  # edge-popup / SLT-in-attention experiments
+        from .strong_tickets import run_command
+
+        return run_command(args.recipe, args.out)
     return _execute(args.recipe, args.out)
+
+
+def _is_strong_ticket_recipe(path: str) -> bool:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return False  # load_recipe reports it
+    return isinstance(data, dict) and "experiment" in data
 
 
 def _execute(source: str, out: str | None) -> int:

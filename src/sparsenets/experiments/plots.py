@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from .runner import RunDir
 
 COLORS = {"dense": "black", "imp": "tab:blue", "oneshot": "tab:blue", "gradual": "tab:green",
-          "reinit": "tab:orange", "random": "tab:red"}
-MAIN_ARMS = ("imp", "oneshot", "gradual")
+          "reinit": "tab:orange", "random": "tab:red",
+          "rigl": "tab:purple", "set": "tab:olive", "static": "tab:gray"}
+MAIN_ARMS = ("imp", "oneshot", "gradual", "rigl", "set", "static")
 
 
 def write_all(run_dir: RunDir, results: dict[str, Any], only_missing: bool = False) -> list[Path]:

@@ -10,6 +10,8 @@ already done, so every protocol is resumable for free. Arms:
 - ``imp``: lottery-ticket level l, pruned from level l−1 and rewound to θ_k.
 - ``reinit``: level l's mask on a fresh random initialisation (control).
 - ``random``: a random mask with level l's per-layer densities, from θ_k (control).
+- ``static``, ``set``, ``rigl``: sparse from initialisation at level l's sparsity, with a fixed mask,
+  SET's random regrowth or RigL's gradient regrowth.
 
 Every job trains on the same data order (a function of the seed), so arms and levels
 differ only in what they are meant to differ in.
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor, nn
 
 from ..config import ConfigError, SparsityConfig
-from ..methods import GradualMagnitudePruning, LotteryTicket, OneShot, random_prune, reinitialize, rewind_
+from ..methods import (GradualMagnitudePruning, LotteryTicket, OneShot, RigL, SET, StaticSparse, random_prune,
+                       reinitialize, rewind_)
 from ..methods.lottery import level_configs
 from .trainer import TrainConfig, mix_seed
 
@@ -277,8 +280,69 @@ class LotteryProtocol:
         return Outcome(model, ctx.train(model, job, start_step=rewind_step))
 
 
+# ---- sparse training from scratch ---------------------------------------------------------------
+
+
+DST_ALGORITHMS = {"static": StaticSparse, "set": SET, "rigl": RigL}
+
+
+@dataclass
+class SparseTrainingOptions:
+    """Train each of ``algorithms`` from a sparse initialisation at each of ``sparsities`` (the
+    sparsity section gives the initial mask: criterion, allocation, pattern); SET and RigL rewire
+    every ``update_every`` steps until epoch ``end_epoch`` (default: 3/4 of training), dropping
+    ``drop_fraction`` of each layer's weights (RigL: decayed on a cosine)."""
+
+    algorithms: list[str] = field(default_factory=lambda: list(DST_ALGORITHMS))
+    sparsities: list[float] | None = None
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    end_epoch: int | None = None
+
+    def validate(self, recipe: Recipe) -> None:
+        self.sparsities = _targets(self.sparsities, recipe.sparsity)
+        if not isinstance(self.algorithms, list) or not self.algorithms or \
+                any(a not in DST_ALGORITHMS for a in self.algorithms):
+            raise ConfigError(f"algorithms must be a list drawn from {list(DST_ALGORITHMS)}, got {self.algorithms!r}")
+        _int_at_least(self.update_every, "update_every", 1)
+        if isinstance(self.drop_fraction, bool) or not isinstance(self.drop_fraction, (int, float)) \
+                or not 0 < self.drop_fraction < 1:
+            raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction!r}")
+        if self.end_epoch is None:
+            self.end_epoch = max(1, (3 * recipe.train.epochs) // 4)
+        _int_at_least(self.end_epoch, "end_epoch", 1)
+        if self.end_epoch > recipe.train.epochs:
+            raise ConfigError(f"end_epoch {self.end_epoch} is after the last epoch ({recipe.train.epochs})")
+
+
+class SparseTrainingProtocol:
+    Options = SparseTrainingOptions
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        options = recipe.method
+        return [job for seed in recipe.seeds for job in [
+            Job(seed, "dense"), *(Job(seed, arm, i, t) for i, t in enumerate(options["sparsities"], 1)
+                                  for arm in options["algorithms"])]]
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        if job.arm == "dense":
+            return Dense().run(job, ctx)
+        options = ctx.recipe.method
+        model = ctx.new_model(init_seed(job.seed))
+        # the same initial mask for every algorithm of a seed and sparsity: they differ only in rewiring
+        config = dataclasses.replace(ctx.recipe.sparsity, sparsity=job.target, seed=mix_seed(job.seed, "mask"))
+        if job.arm == "static":
+            method = StaticSparse(model, config, data=ctx.calibration(job.seed))
+        else:
+            method = DST_ALGORITHMS[job.arm](
+                model, config, update_every=options["update_every"], drop_fraction=options["drop_fraction"],
+                end_step=options["end_epoch"] * ctx.steps_per_epoch, data=ctx.calibration(job.seed))
+        return Outcome(model, ctx.train(model, job, hooks=[method]))
+
+
 PROTOCOLS: dict[str, Any] = {
     "dense": Dense(), "oneshot": OneShotProtocol(), "gradual": GradualProtocol(), "lottery": LotteryProtocol(),
+    "sparse_training": SparseTrainingProtocol(),
 }
 
 

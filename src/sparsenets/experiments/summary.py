@@ -16,11 +16,13 @@ from . import atomic
 if TYPE_CHECKING:
     from .runner import RunDir
 
-ARMS = ("dense", "imp", "oneshot", "gradual", "reinit", "random")
+ARMS = ("dense", "imp", "oneshot", "gradual", "rigl", "set", "static", "reinit", "random")
 LABELS = {"dense": "dense", "imp": "IMP ticket", "oneshot": "one-shot", "gradual": "gradual",
-          "reinit": "reinit control", "random": "random-prune control"}
+          "reinit": "reinit control", "random": "random-prune control",
+          "rigl": "RigL", "set": "SET", "static": "static sparse"}
 SHORT = {"dense": "dense", "imp": "IMP", "oneshot": "one-shot", "gradual": "gradual", "reinit": "reinit",
-         "random": "random"}
+         "random": "random", "rigl": "RigL", "set": "SET",
+         "static": "static"}
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,16 +5,23 @@
 - :class:`LotteryTicket`: iterative magnitude pruning with rewinding (Frankle & Carbin), with the
   controls :func:`reinitialize` (same mask, fresh init) and :func:`random_prune` (random mask,
   same per-layer densities).
+- :class:`StaticSparse`, :class:`SET`, :class:`RigL`: sparse training from scratch, with a fixed
+  mask or one rewired during training (drop by magnitude, regrow at random or by dense gradient).
+- :func:`edge_popup_`, :func:`lottery_jackpot_`: strong lottery tickets, subnetworks of frozen random
+  (or trained) weights found by learning a score per weight (Ramanujan et al. 2020).
 """
 
 from .base import Method, config_at
+from .dst import SET, DynamicSparse, RigL, StaticSparse
 from .gradual import GradualMagnitudePruning, cubic_sparsity
 from .lottery import LotteryTicket, layer_sparsities, level_configs, level_sparsities, random_prune, reinitialize
+from .edgepopup import EdgePopup, edge_popup_, lottery_jackpot_
+from .edgepopup import finalize_ as finalize_edge_popup_
 from .oneshot import OneShot
 from .state import apply_masks, copy_masks, rewind_, snapshot
 
 __all__ = [
-    "GradualMagnitudePruning", "LotteryTicket", "Method", "OneShot", "apply_masks", "config_at", "copy_masks",
+    "DynamicSparse", "EdgePopup", "edge_popup_", "finalize_edge_popup_", "lottery_jackpot_", "GradualMagnitudePruning", "LotteryTicket", "Method", "OneShot", "apply_masks", "config_at", "copy_masks",
     "cubic_sparsity", "layer_sparsities", "level_configs", "level_sparsities", "random_prune", "reinitialize",
-    "rewind_", "snapshot",
+    "rewind_", "RigL", "SET", "snapshot", "StaticSparse",
 ]
