@@ -215,3 +215,10 @@ def test_an_override_of_zero_keeps_a_layer_dense_under_nm():
     model = sn.sparsify_(mlp(), {"pattern": "2:4", "overrides": {"4": 0}})
     rows = {r.name: r for r in sn.report(model).rows}
     assert rows["4"].pattern == "dense" and rows["0"].density == 0.5
+
+
+def test_a_bare_layer_is_a_model_too():
+    layer = nn.Linear(16, 8)
+    sn.sparsify_(layer, {"sparsity": 0.75, "pattern": "block:4x4"})
+    assert (layer.weight == 0).float().mean().item() == 0.75
+    assert [r.name for r in sn.report(layer).rows] == ["(model)"]

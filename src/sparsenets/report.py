@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import batches as B
+from .activations import input_density
 from .masking import get_mask
 from .targets import LAYER_TYPES, class_names, is_hf_conv1d, weight_names
 
@@ -24,6 +25,7 @@ class LayerRow:
     numel: int
     dense_flops: int | None  # per sample: 2 multiply-adds per weight use
     sparse_flops: int | None
+    input_density: float | None = None  # nonzero fraction of the layer's input activations (needs data)
 
 
 @dataclass
@@ -64,6 +66,10 @@ class Report:
                  _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
         body.append(("total", "", "", f"{self.density:.3f}", f"{self.nonzeros:,}",
                      _human(self._flops("dense_flops")), _human(self._flops("sparse_flops"))))
+        if any(r.input_density is not None for r in self.rows):  # measured only when data was given
+            header += ("input density",)
+            body = [row + ("-" if r.input_density is None else f"{r.input_density:.3f}",)
+                    for row, r in zip(body, self.rows)] + [body[-1] + ("",)]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  for row in [header, *body]]
@@ -125,10 +131,12 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
 
     FLOPs are per sample. Without ``data`` they are counted for one token through
     Linear-like layers and left out ('-') for convolutions; with ``data`` (an iterable of
-    batches; one is used) they count the real tokens and output positions.
+    batches; one is used) they count the real tokens and output positions, and each row
+    also shows the density (nonzero fraction) of the layer's input activations on that batch.
     """
-    layers = [(n, m) for n, m in model.named_modules() if n and class_names(m) & set(LAYER_TYPES)]
+    layers = [(n, m) for n, m in model.named_modules() if class_names(m) & set(LAYER_TYPES)]
     uses = _uses_per_sample(model, layers, data)
+    inputs = {} if data is None else input_density(model, layers, data)
     rows = []
     for name, module in layers:
         for param in weight_names(module):
@@ -138,7 +146,7 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
             shape = tuple(weight.t().shape) if is_hf_conv1d(module) else tuple(weight.shape)
             n_uses = uses.get(name)
             rows.append(LayerRow(
-                name=name if param == "weight" else f"{name}.{param}",
+                name=(name or "(model)") if param == "weight" else f"{name}.{param}".lstrip("."),
                 shape=shape,
                 pattern=mask.pattern if mask is not None else "dense",
                 density=nonzeros / weight.numel(),
@@ -146,5 +154,6 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
                 numel=weight.numel(),
                 dense_flops=None if n_uses is None else int(2 * weight.numel() * n_uses),
                 sparse_flops=None if n_uses is None else int(2 * nonzeros * n_uses),
+                input_density=inputs.get(name),
             ))
     return Report(rows)

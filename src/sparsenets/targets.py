@@ -220,7 +220,7 @@ def find_units(model: nn.Module, config) -> list[Unit]:
     if isinstance(config.pattern, Head):
         module_names = {m: n for n, m in named}
         units = [_head_unit(n, m, module_names) for n, m in named
-                 if n and _attention_layout(m) is not None and selected(n)]
+                 if _attention_layout(m) is not None and selected(n)]
         if not units:
             raise ValueError("pattern 'head' found no attention module to prune (supported: "
                              "nn.MultiheadAttention, BERT- and GPT-2-style attention)")
@@ -228,7 +228,7 @@ def find_units(model: nn.Module, config) -> list[Unit]:
         units = []
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         for name, module in named:
-            if not name or not (class_names(module) & types) or not selected(name):
+            if not (class_names(module) & types) or not selected(name):  # the root counts too: a bare nn.Linear
                 continue
             if any(uses[id(getattr(module, w))] > 1 for w in weight_names(module)):
                 # a tied weight (GPT-2's lm_head is the token embedding): masking one user of it

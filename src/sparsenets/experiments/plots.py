@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 COLORS = {"dense": "black", "imp": "tab:blue", "oneshot": "tab:blue", "gradual": "tab:green",
           "reinit": "tab:orange", "random": "tab:red",
-          "rigl": "tab:purple", "set": "tab:olive", "static": "tab:gray"}
-MAIN_ARMS = ("imp", "oneshot", "gradual", "rigl", "set", "static")
+          "rigl": "tab:purple", "set": "tab:olive", "static": "tab:gray", "blkrew": "tab:brown",
+          "srste": "tab:pink", "pgf": "tab:cyan"}
+MAIN_ARMS = ("imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "pgf", "srste")
 
 
 def write_all(run_dir: RunDir, results: dict[str, Any], only_missing: bool = False) -> list[Path]:

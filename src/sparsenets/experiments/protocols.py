@@ -10,6 +10,7 @@ already done, so every protocol is resumable for free. Arms:
 - ``imp``: lottery-ticket level l, pruned from level l−1 and rewound to θ_k.
 - ``reinit``: level l's mask on a fresh random initialisation (control).
 - ``random``: a random mask with level l's per-layer densities, from θ_k (control).
+- ``blkrew``: trained with BLK-REW's reweighted group-lasso penalty, pruned to each target, fine-tuned.
 - ``static``, ``set``, ``rigl``: sparse from initialisation at level l's sparsity, with a fixed mask,
   SET's random regrowth or RigL's gradient regrowth.
 
@@ -26,9 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor, nn
 
 from ..config import ConfigError, SparsityConfig
-from ..methods import (GradualMagnitudePruning, LotteryTicket, OneShot, RigL, SET, StaticSparse, random_prune,
+from ..methods import (BlockReweighted, GradualMagnitudePruning, LotteryTicket, OneShot, RigL, SET,
+                       StaticSparse, random_prune,
                        reinitialize, rewind_)
 from ..methods.lottery import level_configs
+from ..methods.nm_training import SRSTE, ProgressiveNM
+from ..patterns import NM, parse_pattern
 from .trainer import TrainConfig, mix_seed
 
 if TYPE_CHECKING:
@@ -340,9 +344,132 @@ class SparseTrainingProtocol:
         return Outcome(model, ctx.train(model, job, hooks=[method]))
 
 
+# ---- BLK-REW ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockReweightedOptions:
+    """Train ``train.epochs`` with BLK-REW's penalty (λ = ``strength``, ε = ``eps``, reweighting refreshed
+    every ``refresh_every`` updates), prune to each of ``sparsities``, fine-tune ``finetune_epochs`` at
+    ``finetune_lr``. The ``oneshot`` arm prunes the dense network instead: same epochs, same pruning."""
+
+    sparsities: list[float] | None = None
+    strength: float = 1e-4
+    refresh_every: int = 100
+    eps: float = 1e-3
+    finetune_epochs: int = 5
+    finetune_lr: float | None = None
+
+    def validate(self, recipe: Recipe) -> None:
+        OneShotOptions.validate(self, recipe)  # sparsities, finetune_epochs, finetune_lr
+        for key in ("strength", "eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        _int_at_least(self.refresh_every, "refresh_every", 1)
+
+
+class BlockReweightedProtocol:
+    Options = BlockReweightedOptions
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        targets = recipe.method["sparsities"]
+        dense = [Job(seed, "dense") for seed in recipe.seeds]
+        return [job for seed, parent in zip(recipe.seeds, dense) for job in [
+            parent, *(Job(seed, arm, i, t, parent=parent.key if arm == "oneshot" else None)
+                      for i, t in enumerate(targets, 1) for arm in ("blkrew", "oneshot"))]]
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        if job.arm in ("dense", "oneshot"):
+            return OneShotProtocol().run(job, ctx)
+        options = ctx.recipe.method
+        model = ctx.new_model(init_seed(job.seed))
+        method = BlockReweighted(model, dataclasses.replace(ctx.recipe.sparsity, sparsity=job.target),
+                                 strength=options["strength"], refresh_every=options["refresh_every"],
+                                 eps=options["eps"], data=ctx.calibration(job.seed))
+        ctx.train(model, job, hooks=[method])
+        method.apply()
+        train = dataclasses.replace(ctx.recipe.train, epochs=options["finetune_epochs"],
+                                    lr=options["finetune_lr"] or ctx.recipe.train.lr)
+        # like the one-shot arm, the history is the fine-tuning's
+        return Outcome(model, ctx.train(model, job, config=train))
+
+
+# ---- N:M sparse training -----------------------------------------------------------------------
+
+
+NM_ALGORITHMS = ("srste", "pgf")
+
+
+@dataclass
+class NMTrainingOptions:
+    """Train each of ``algorithms`` at each N:M of ``patterns`` (one level each; default: the sparsity
+    section's). ``srste``: SR-STE with refined decay ``srste_decay``; ``pgf``: progressive gradient
+    flow, pruned weights scaled from 1 to 0 by epoch ``decay_epoch`` (default: 3/4 of training)
+    while the structure steps through ``structure_stages`` n:M (n doubling per stage, e.g. 4:16 →
+    2:16 → 1:16; 1 = straight to N:M). Masks are recomputed from |w| every ``update_every`` steps."""
+
+    algorithms: list[str] = field(default_factory=lambda: list(NM_ALGORITHMS))
+    patterns: list[str] | None = None
+    srste_decay: float = 2e-4
+    decay_epoch: int | None = None
+    structure_stages: int = 3
+    update_every: int = 1
+
+    def validate(self, recipe: Recipe) -> None:
+        if self.patterns is None:
+            self.patterns = [str(recipe.sparsity.pattern)]
+        if not isinstance(self.patterns, list) or not self.patterns or \
+                not all(isinstance(parse_pattern(p), NM) for p in self.patterns):
+            raise ConfigError(f"patterns must be a list of N:M patterns such as ['1:8', '1:16'], got {self.patterns!r}")
+        self.patterns = [parse_pattern(p).name for p in self.patterns]
+        if not isinstance(self.algorithms, list) or not self.algorithms or \
+                any(a not in NM_ALGORITHMS for a in self.algorithms):
+            raise ConfigError(f"algorithms must be a list drawn from {list(NM_ALGORITHMS)}, got {self.algorithms!r}")
+        if isinstance(self.srste_decay, bool) or not isinstance(self.srste_decay, (int, float)) or self.srste_decay < 0:
+            raise ConfigError(f"srste_decay must be a number >= 0, got {self.srste_decay!r}")
+        if self.decay_epoch is None:
+            self.decay_epoch = max(1, (3 * recipe.train.epochs) // 4)
+        _int_at_least(self.decay_epoch, "decay_epoch", 1)
+        if self.decay_epoch > recipe.train.epochs:
+            raise ConfigError(f"decay_epoch {self.decay_epoch} is after the last epoch ({recipe.train.epochs})")
+        _int_at_least(self.structure_stages, "structure_stages", 1)
+        _int_at_least(self.update_every, "update_every", 1)
+
+
+class NMTrainingProtocol:
+    Options = NMTrainingOptions
+
+    def jobs(self, recipe: Recipe) -> list[Job]:
+        options = recipe.method
+        targets = [1.0 - parse_pattern(p).fixed_density for p in options["patterns"]]
+        return [job for seed in recipe.seeds for job in [
+            Job(seed, "dense"), *(Job(seed, arm, i, t) for i, t in enumerate(targets, 1)
+                                  for arm in options["algorithms"])]]
+
+    def run(self, job: Job, ctx: Context) -> Outcome:
+        if job.arm == "dense":
+            return Dense().run(job, ctx)
+        options = ctx.recipe.method
+        pattern = parse_pattern(options["patterns"][job.level - 1])
+        config = dataclasses.replace(ctx.recipe.sparsity, pattern=pattern, sparsity=job.target)
+        model = ctx.new_model(init_seed(job.seed))
+        if job.arm == "srste":
+            method = SRSTE(model, config, decay=options["srste_decay"], update_every=options["update_every"])
+        else:
+            total = ctx.recipe.train.epochs * ctx.steps_per_epoch
+            stages = [pattern.n * 2 ** k for k in reversed(range(options["structure_stages"]))]
+            method = ProgressiveNM(model, config, total_steps=total,
+                                   decay_end=options["decay_epoch"] / ctx.recipe.train.epochs,
+                                   structure=[n for n in stages if n < pattern.m], update_every=options["update_every"])
+        history = ctx.train(model, job, hooks=[method])
+        method.finalize()
+        return Outcome(model, history)
+
+
 PROTOCOLS: dict[str, Any] = {
     "dense": Dense(), "oneshot": OneShotProtocol(), "gradual": GradualProtocol(), "lottery": LotteryProtocol(),
-    "sparse_training": SparseTrainingProtocol(),
+    "sparse_training": SparseTrainingProtocol(), "nm_training": NMTrainingProtocol(), "blkrew": BlockReweightedProtocol(),
 }
 
 

@@ -16,13 +16,14 @@ from . import atomic
 if TYPE_CHECKING:
     from .runner import RunDir
 
-ARMS = ("dense", "imp", "oneshot", "gradual", "rigl", "set", "static", "reinit", "random")
+ARMS = ("dense", "imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "srste", "pgf", "reinit", "random")
 LABELS = {"dense": "dense", "imp": "IMP ticket", "oneshot": "one-shot", "gradual": "gradual",
           "reinit": "reinit control", "random": "random-prune control",
-          "rigl": "RigL", "set": "SET", "static": "static sparse"}
+          "rigl": "RigL", "set": "SET", "static": "static sparse", "blkrew": "BLK-REW",
+          "srste": "SR-STE", "pgf": "progressive gradient flow"}
 SHORT = {"dense": "dense", "imp": "IMP", "oneshot": "one-shot", "gradual": "gradual", "reinit": "reinit",
          "random": "random", "rigl": "RigL", "set": "SET",
-         "static": "static"}
+         "static": "static", "blkrew": "BLK-REW", "srste": "SR-STE", "pgf": "PGF"}
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,6 +3,9 @@
 from .block_sparse import BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear
 from .csr import CSRLinear
 from .semi_structured import SemiStructuredLinear, semi_structured_supported
+from .sparse_drop import SparseDrop
+from .topk import TopK
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear", "CSRLinear", "SemiStructuredLinear",
+           "SparseDrop", "TopK",
            "semi_structured_supported"]

@@ -1,6 +1,7 @@
 """Sparsity methods, each usable from the built-in Trainer or from your own training loop.
 
 - :class:`OneShot`: prune once, then fine-tune.
+- :class:`BlockReweighted`: BLK-REW, a reweighted group-lasso penalty, then block pruning (Ma et al.).
 - :class:`GradualMagnitudePruning`: Zhu & Gupta's cubic schedule during training.
 - :class:`LotteryTicket`: iterative magnitude pruning with rewinding (Frankle & Carbin), with the
   controls :func:`reinitialize` (same mask, fresh init) and :func:`random_prune` (random mask,
@@ -9,19 +10,23 @@
   mask or one rewired during training (drop by magnitude, regrow at random or by dense gradient).
 - :func:`edge_popup_`, :func:`lottery_jackpot_`: strong lottery tickets, subnetworks of frozen random
   (or trained) weights found by learning a score per weight (Ramanujan et al. 2020).
+- :class:`SRSTE`, :class:`ProgressiveNM`: N:M sparse training for any N:M (SR-STE; progressive
+  gradient flow with decaying pruned-weight scale and/or a denser-to-target structure).
 """
 
 from .base import Method, config_at
+from .blkrew import BlockReweighted
 from .dst import SET, DynamicSparse, RigL, StaticSparse
 from .gradual import GradualMagnitudePruning, cubic_sparsity
 from .lottery import LotteryTicket, layer_sparsities, level_configs, level_sparsities, random_prune, reinitialize
 from .edgepopup import EdgePopup, edge_popup_, lottery_jackpot_
 from .edgepopup import finalize_ as finalize_edge_popup_
+from .nm_training import SRSTE, NMMethod, NMTraining, ProgressiveNM
 from .oneshot import OneShot
 from .state import apply_masks, copy_masks, rewind_, snapshot
 
 __all__ = [
-    "DynamicSparse", "EdgePopup", "edge_popup_", "finalize_edge_popup_", "lottery_jackpot_", "GradualMagnitudePruning", "LotteryTicket", "Method", "OneShot", "apply_masks", "config_at", "copy_masks",
+    "BlockReweighted", "DynamicSparse", "EdgePopup", "edge_popup_", "finalize_edge_popup_", "lottery_jackpot_", "GradualMagnitudePruning", "LotteryTicket", "Method", "NMMethod", "NMTraining", "ProgressiveNM", "SRSTE", "OneShot", "apply_masks", "config_at", "copy_masks",
     "cubic_sparsity", "layer_sparsities", "level_configs", "level_sparsities", "random_prune", "reinitialize",
     "rewind_", "RigL", "SET", "snapshot", "StaticSparse",
 ]

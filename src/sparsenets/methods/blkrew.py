@@ -1,0 +1,114 @@
+"""BLK-REW (Ma et al.): block pruning after training with a reweighted group-lasso penalty.
+
+Each weight, in GEMM form ``out × in·kh·kw``, is cut into groups by the config's pattern;
+with ``block:Rx1`` a group is one column inside a block of ``R`` rows. Training adds
+
+    λ · Σ_g ‖W_g‖² / (‖W_g^old‖² + ε)
+
+where ``W_g^old`` is refreshed from the current weights every ``refresh_every`` updates. Groups
+that are already small get a large coefficient and are pushed to zero, big ones are left alone:
+a cheap stand-in for an ℓ0 penalty on groups. Then the model is hard-pruned to the target by
+magnitude (:func:`sparsify_`) and fine-tuned.
+
+The penalty enters as a gradient: :meth:`BlockReweighted.before_optimizer_step` adds
+``2λ W / (‖W_g^old‖² + ε)`` to each weight's ``.grad``, so the loss and the training loop stay the
+user's own. :meth:`BlockReweighted.penalty` gives the same term as a differentiable value, for
+logging, or for adding to the loss in a loop that doesn't call the hook (never both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..batches import LossFn
+from ..config import SparsityConfig
+from ..patterns import NM
+from ..targets import Member, find_units, from_gemm, to_gemm
+from .base import Method
+
+
+class BlockReweighted(Method):
+    """Reweighted group-lasso training, then one-shot pruning to the config's sparsity.
+
+    ``strength`` is λ, ``eps`` is ε. Pruning happens at update ``prune_at`` (None: only when
+    :meth:`apply` is called); the penalty stops there, and training on is the fine-tuning::
+
+        method = BlockReweighted(model, {"sparsity": 0.9, "pattern": "block:8x1"}, strength=1e-4)
+        Trainer(model, data, TrainConfig(epochs=20), hooks=[method]).fit()
+        method.apply()  # then fine-tune
+    """
+
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, strength: float = 1e-4,
+                 refresh_every: int = 100, eps: float = 1e-3, prune_at: int | None = None,
+                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+        super().__init__(model, config, data, loss_fn)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
+            raise ValueError(f"strength must be a number >= 0, got {strength!r}")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
+        if prune_at is not None and prune_at < 0:
+            raise ValueError(f"prune_at must be >= 0, got {prune_at!r}")
+        if isinstance(self.config.pattern, NM):
+            raise ValueError(f"pattern {self.config.pattern} has no groups to penalise; use block:Rx1 or block:1xC")
+        self.strength, self.refresh_every, self.eps, self.prune_at = float(strength), refresh_every, float(eps), prune_at
+        self.members: list[Member] = [m for unit in find_units(model, self.config) for m in unit.weights]
+        self.coefficients: dict[str, Tensor] = {}  # 1 / (‖W_g^old‖² + ε), spread over each weight's elements
+        self.done = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take ``W^old`` from the current weights."""
+        with torch.no_grad():
+            for m in self.members:
+                gemm = to_gemm(m.module, m.tensor().detach()).to(torch.float64)
+                ids = m.group_ids.to(gemm.device)
+                norms = torch.zeros(int(ids.max()) + 1, dtype=torch.float64, device=gemm.device)
+                norms.index_add_(0, ids.reshape(-1), gemm.reshape(-1) ** 2)
+                coefficient = (1.0 / (norms + self.eps))[ids]
+                self.coefficients[m.qualname] = from_gemm(m.module, coefficient, m.tensor().shape).to(m.tensor().dtype)
+
+    def penalty(self) -> Tensor:
+        """λ · Σ_g ‖W_g‖² / (‖W_g^old‖² + ε) over every target weight (differentiable)."""
+        terms = [(self.coefficients[m.qualname] * m.tensor() ** 2).sum() for m in self.members]
+        return self.strength * torch.stack(terms).sum()
+
+    def apply(self) -> None:
+        """Hard-prune to the config's sparsity; the penalty stops."""
+        self.prune(self.config.sparsity)
+        self.done = True
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def on_train_begin(self, model: nn.Module, optimizer) -> None:
+        if self.prune_at == 0 and not self.done:
+            self.apply()
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.done or self.strength == 0:
+            return
+        with torch.no_grad():
+            for m in self.members:
+                weight = _parameter(m)
+                gradient = 2 * self.strength * self.coefficients[m.qualname] * m.tensor()
+                weight.grad = gradient.clone() if weight.grad is None else weight.grad.add_(gradient)
+
+    def step(self, step: int) -> None:
+        if self.done:
+            return
+        if step == self.prune_at:
+            self.apply()
+        elif step % self.refresh_every == 0:
+            self.refresh()
+
+
+def _parameter(member: Member) -> nn.Parameter:
+    """The trained tensor behind a weight: the original under a mask, else the weight itself."""
+    if parametrize.is_parametrized(member.module, member.param):
+        return member.module.parametrizations[member.param].original
+    return getattr(member.module, member.param)
