@@ -102,10 +102,17 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-@torch.compiler.disable  # opaque to torch.compile: the kernels run eagerly between compiled graphs
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None,
                         backend: str = "auto") -> Tensor:
     """``x (..., in) -> (..., out)``: the product with the block-sparse weight, plus ``bias``."""
+    if torch.compiler.is_compiling():  # opaque to torch.compile: the kernels run eagerly between graphs
+        return torch.compiler.disable(_block_sparse_linear)(x, values, layout, bias, backend)
+    # (not a decorator: that would load torch._dynamo, ~2 s, at every import of sparsenets)
+    return _block_sparse_linear(x, values, layout, bias, backend)
+
+
+def _block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None,
+                         backend: str) -> Tensor:
     if x.shape[-1] != layout.in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
                          f"the layer expects {layout.in_features}")
