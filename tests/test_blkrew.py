@@ -98,6 +98,52 @@ def test_prune_leaves_column_strips_within_row_blocks_at_exact_sparsity(make):
         assert kept.float().mean().item() == pytest.approx(0.25)
 
 
+def test_decoupled_penalty_is_a_proximal_step_at_the_current_learning_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4))
+    layer = model[0]
+    old = layer.weight.detach().clone()
+    method = BlockReweighted(model, CONFIG, strength=0.5, eps=0.1, refresh_every=100, decoupled=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.2)
+    method.on_train_begin(model, optimizer)
+    optimizer.param_groups[0]["lr"] = 0.05  # a scheduler moved it: the shrink must use the new value
+    layer.weight.grad = torch.ones_like(layer.weight)
+    method.before_optimizer_step(1)
+    assert torch.equal(layer.weight.grad, torch.ones_like(layer.weight))  # gradients untouched
+    before = layer.weight.detach().clone()
+    method.step(1)
+    norms = torch.stack([(old[r:r + 2] ** 2).sum(0) for r in (0, 2)])  # blocks of 2 rows, per column
+    coefficient = (1 / (norms + 0.1)).repeat_interleave(2, dim=0)
+    assert torch.allclose(layer.weight.detach(), before / (1 + 2 * 0.05 * 0.5 * coefficient))
+
+
+def test_decoupled_penalty_needs_the_optimizer():
+    model = nn.Sequential(nn.Linear(4, 4))
+    method = BlockReweighted(model, CONFIG, decoupled=True)
+    with pytest.raises(RuntimeError, match="on_train_begin"):
+        method.step(1)
+
+
+def test_recurrent_weights_are_penalised_and_pruned_in_column_strips():
+    torch.manual_seed(0)
+    model = nn.LSTM(6, 8, num_layers=2)  # four gates stacked: weight_ih_l0 is 32 x 6
+    config = {"sparsity": 0.5, "pattern": "block:8x1", "criterion": "magnitude", "allocation": "uniform"}
+    method = BlockReweighted(model, config, strength=0.1, eps=0.1)
+    assert [m.param for m in method.members] == ["weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
+    old = {name: getattr(model, name).detach().clone() for name in ("weight_ih_l0", "weight_hh_l1")}
+    assert torch.allclose(method.penalty(), sum(
+        hand_penalty(w, w, 8, 0.1, 0.1) for w in [getattr(model, m.param).detach() for m in method.members]))
+    model(torch.randn(5, 3, 6))[0].sum().backward()
+    method.before_optimizer_step(1)
+    method.apply()
+    for name, weight in old.items():
+        pruned = getattr(model, name).detach()
+        strips = (pruned != 0).reshape(pruned.shape[0] // 8, 8, pruned.shape[1])
+        assert torch.equal(strips, strips.any(dim=1, keepdim=True).expand_as(strips))
+        assert torch.equal(pruned[pruned != 0], weight[pruned != 0])
+    assert report(model).density == pytest.approx(0.5)
+
+
 def test_penalty_stops_after_pruning_and_pruned_weights_stay_zero():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8))

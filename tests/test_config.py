@@ -48,7 +48,7 @@ def test_from_yaml_string_and_file(tmp_path):
     ({"allocation": "erdos"}, r"unknown allocation 'erdos'"),
     ({"pattern": "2:4", "sparsity": 0.9}, r"pattern 2:4 fixes sparsity at 0.5"),
     ({"pattern": "2:4", "allocation": "erk"}, r"allocation 'erk' does not apply"),
-    ({"module_types": ["LSTM"]}, r"unknown type 'LSTM'"),
+    ({"module_types": ["Transformer"]}, r"unknown type 'Transformer'"),
     ({"overrides": {"fc": 1.5}}, r"overrides\['fc'\].sparsity must be"),
     ({"overrides": {"fc": {"density": 0.1}}}, r"unknown key\(s\) \['density'\]"),
     ({"rounds": 0}, r"rounds must be a positive integer, got 0"),

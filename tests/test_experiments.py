@@ -160,7 +160,7 @@ def test_the_demo_runs_the_shipped_demo_recipe():
     ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]; valid keys: name, description, seeds"),
     ({"method": {"name": "lottery", "levels": 3}}, r"unknown option\(s\) \['levels'\] for method 'lottery'; "
                                                    r"valid options: name, prune_fraction, rewind_step"),
-    ({"method": {"name": "magic"}}, r"unknown method 'magic'; choose from .*dense, gradual, lottery"),
+    ({"method": {"name": "magic"}}, r"unknown method 'magic'; choose from .*dense, dropout, gradual, lottery"),
     ({"method": {"name": "lottery", "prune_fraction": 1.5}}, r"method: prune_fraction must be in \(0, 1\), got 1.5"),
     ({"method": {"name": "lottery", "controls": ["shuffle"]}}, "controls must be a list drawn from"),
     ({"method": {"name": "oneshot", "sparsities": [0.8]}, "sparsity": {"pattern": "2:4"}},

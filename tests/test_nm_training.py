@@ -82,7 +82,7 @@ def test_progressive_structure_and_decay_reach_nm_and_stay_valid():
 def test_pruned_weights_gradient_is_scaled():
     model = _model()
     method = ProgressiveNM(model, {"pattern": "1:4", "exclude": ["embed"]}, total_steps=10)
-    method.step(5)  # scale = 1 − 5/7.5
+    method.step(3)  # scale = 1 − 3/5 (the decay ends half-way)
     fc = model.blocks[0].mlp.fc1
     p = fc.parametrizations.weight[0]
     weight = fc.parametrizations.weight.original

@@ -78,3 +78,86 @@ def test_rejects_bad_arguments(kwargs, message):
         SparseDrop(8, 8, **kwargs)
     with pytest.raises(TypeError, match="nn.Linear"):
         SparseDrop.from_linear(nn.Conv1d(1, 1, 1))
+
+
+# ---- swapping layers in, and the dropout protocol ------------------------------------------------
+
+
+def test_sparse_drop_swaps_every_linear_but_the_first_and_keeps_the_weights():
+    from sparsenets.layers import sparse_drop_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    keys, weight = list(model.state_dict()), model[2].weight
+    assert sparse_drop_(model, p=0.25, block=4) == ["2", "4"]
+    assert type(model[0]) is nn.Linear and isinstance(model[2], SparseDrop) and isinstance(model[4], SparseDrop)
+    assert model[2].weight is weight and (model[2].p, model[2].block) == (0.25, 4)
+    assert list(model.state_dict()) == keys
+    assert sparse_drop_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), include=["0"]) == ["0"]
+    with pytest.raises(ValueError, match="linear layers"):
+        sparse_drop_(nn.Sequential(nn.Linear(4, 4)), include=["nothing*"])
+
+
+def _recipe(tmp_path, **method):
+    from sparsenets.experiments import load_recipe
+
+    return load_recipe({
+        "name": "drop", "seeds": [0],
+        "data": {"name": "teacher", "train_samples": 128, "test_samples": 64, "inputs": 12, "classes": 4},
+        "model": {"name": "lenet_300_100", "hidden": [64, 64]},
+        "train": {"optimizer": "adam", "lr": 0.01, "epochs": 1, "batch_size": 32},
+        "method": {"name": "dropout", "p": 0.5, "block": 8, **method},
+    })
+
+
+def test_dropout_protocol_puts_the_same_dropout_on_the_same_layers(tmp_path):
+    from sparsenets.experiments.protocols import PROTOCOLS, Job
+
+    recipe = _recipe(tmp_path)
+    assert [j.arm for j in PROTOCOLS["dropout"].jobs(recipe)] == ["dense", "dropout", "sparsedrop"]
+    built = {}
+
+    class Context:  # records the model each arm would train, without training it
+        steps_per_epoch = 4
+
+        def __init__(self):
+            self.recipe = recipe
+
+        def new_model(self, seed):
+            from sparsenets.experiments.models import build_model
+            torch.manual_seed(seed)
+            return build_model("lenet_300_100", (12,), 4, hidden=[64, 64])
+
+        def calibration(self, seed):
+            return []
+
+        def train(self, model, job, **_):
+            built[job.arm] = model
+            return []
+
+    for arm in ("dense", "dropout", "sparsedrop"):
+        PROTOCOLS["dropout"].run(Job(0, arm), Context())
+    x = torch.randn(16, 12)
+    first = {arm: m.eval()(x) for arm, m in built.items()}  # eval: all three are the same network
+    assert torch.equal(first["dense"], first["dropout"]) and torch.equal(first["dense"], first["sparsedrop"])
+    assert [type(m).__name__ for m in built["sparsedrop"].modules() if isinstance(m, nn.Linear)] == \
+        ["Linear", "SparseDrop", "SparseDrop"]
+    dropout = built["dropout"].train()  # training: the hidden inputs of fc2 and fc3 are dropped
+    seen = []
+    dropout.fc2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    dropout(x)
+    hidden = torch.relu(dropout.fc1(x))
+    dropped = seen[0] == 0
+    assert 0.3 < (dropped & (hidden != 0)).float().sum() / (hidden != 0).float().sum() < 0.7
+    assert torch.allclose(seen[0][~dropped], 2 * hidden[~dropped])
+
+
+def test_dropout_protocol_options_name_bad_values(tmp_path):
+    from sparsenets.config import ConfigError
+
+    with pytest.raises(ConfigError, match="1.5"):
+        _recipe(tmp_path, p=1.5)
+    with pytest.raises(ConfigError, match="'gaussian'"):
+        _recipe(tmp_path, arms=["dense", "gaussian"])
+    with pytest.raises(ConfigError, match="block"):
+        _recipe(tmp_path, block=0)

@@ -39,7 +39,7 @@ class SparsityConfig:
             over all layers) or ``erk`` (Erdős–Rényi-kernel densities).
         include / exclude: globs on module names; a glob also covers a module's children.
         module_types: layer classes to sparsify (default: Linear, Conv1d/2d/3d, HF Conv1D,
-            MultiheadAttention; add ``"Embedding"`` to prune embeddings).
+            MultiheadAttention, LSTM, GRU, RNN; add ``"Embedding"`` to prune embeddings).
         keep_first_last_dense: leave the first and last selected layers (registration order) dense.
         overrides: ``{glob: sparsity}`` or ``{glob: {"sparsity": s, "pattern": p}}``; the first
             matching glob wins; sparsity 0 keeps a layer dense. Overridden layers are fixed and

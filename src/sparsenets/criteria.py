@@ -199,6 +199,10 @@ def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
 def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
     """Wanda (Sun et al. 2024): |W_ij| · ‖X_j‖₂ over calibration inputs (forward passes only)."""
     modules = {id(m): m for m, _ in weights.values()}
+    for k, (module, _) in weights.items():
+        if isinstance(module, nn.RNNBase):  # their hidden-state inputs never pass through a hook
+            raise ValueError(f"criterion 'wanda' cannot see the inputs of recurrent layer '{k}'; "
+                             f"use another criterion or exclude the layer")
     sq: dict[int, Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

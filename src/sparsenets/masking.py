@@ -88,17 +88,31 @@ def _own_class(cls: type) -> type:
     return type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
+def _state(module: nn.Module) -> dict:
+    # recurrent layers cache their weights (and weak references to them); under a mask those are
+    # computed tensors, which can be neither deep-copied nor pickled: the copy rebuilds the cache
+    if isinstance(module, nn.RNNBase):
+        return {k: v for k, v in module.__dict__.items() if k not in ("_flat_weights", "_flat_weight_refs")}
+    return module.__dict__
+
+
+def _rebuild_flat_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
 def _deepcopy_masked(module: nn.Module, memo: dict) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     replica = module.__new__(_own_class(type(module)))
     memo[id(module)] = replica
-    replica.__dict__ = copy.deepcopy(module.__dict__, memo)
+    replica.__dict__ = copy.deepcopy(_state(module), memo)
+    _rebuild_flat_weights(replica)
     return replica
 
 
 def _reduce_masked(module: nn.Module, protocol: int) -> tuple:
-    return _rebuild_masked, (type(module).__bases__[0], module.__dict__)
+    return _rebuild_masked, (type(module).__bases__[0], _state(module))
 
 
 def _rebuild_masked(cls: type, state: dict) -> nn.Module:
@@ -108,6 +122,7 @@ def _rebuild_masked(cls: type, state: dict) -> nn.Module:
     for name in module.parametrizations:
         parametrize._inject_property(module, name)
     _make_picklable(module)
+    _rebuild_flat_weights(module)
     return module
 
 

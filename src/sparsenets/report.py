@@ -12,7 +12,7 @@ from torch import nn
 from . import batches as B
 from .activations import input_density
 from .masking import get_mask
-from .targets import LAYER_TYPES, class_names, is_hf_conv1d, weight_names
+from .targets import is_hf_conv1d, is_layer, weight_names
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _uses_per_sample(model: nn.Module, layers: list[tuple[str, nn.Module]], data
     def hook(name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             out = output[0] if isinstance(output, tuple) else output
-            if isinstance(module, nn.Embedding):
+            if isinstance(module, nn.Embedding) or not isinstance(out, torch.Tensor):  # e.g. PackedSequence
                 return
             if isinstance(module, nn.modules.conv._ConvNd):
                 uses[name] = out[0, 0].numel()  # positions per sample
@@ -134,7 +134,7 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
     batches; one is used) they count the real tokens and output positions, and each row
     also shows the density (nonzero fraction) of the layer's input activations on that batch.
     """
-    layers = [(n, m) for n, m in model.named_modules() if class_names(m) & set(LAYER_TYPES)]
+    layers = [(n, m) for n, m in model.named_modules() if is_layer(m)]
     uses = _uses_per_sample(model, layers, data)
     inputs = {} if data is None else input_density(model, layers, data)
     rows = []

@@ -19,12 +19,25 @@ from torch import Tensor, nn
 from .patterns import NM, Head, Pattern
 
 # Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
-LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding", "MultiheadAttention")
-DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding", "MultiheadAttention",
+               "LSTM", "GRU", "RNN")
+DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention", "LSTM", "GRU", "RNN")
 
 
 def class_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
+
+
+_RECURRENT = {"LSTM", "GRU", "RNN"}
+
+
+def is_layer(module: nn.Module, types: tuple[str, ...] | set[str] = LAYER_TYPES) -> bool:
+    """Whether ``module`` is one of the layer kinds ``types`` (names common enough that a user's
+    own model class may carry them, like ``RNN``, count only on torch's recurrent layers)."""
+    names = class_names(module) & set(types)
+    if not isinstance(module, nn.RNNBase):
+        names -= _RECURRENT
+    return bool(names)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -38,6 +51,8 @@ def weight_names(module: nn.Module) -> list[str]:
         if module._qkv_same_embed_dim:
             return ["in_proj_weight"]
         return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    if isinstance(module, nn.RNNBase):  # weight_ih_l0, weight_hh_l0, ..., gates stacked as rows
+        return [n for n in module._flat_weights_names if n.startswith("weight_")]
     return ["weight"]
 
 
@@ -127,7 +142,8 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
         members.append(Member(name, param, module, ids))
         dims.append((weight.shape[0], *weight.shape[1:]) if not is_hf_conv1d(module) else (cols, rows))
     bias_name = "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
-    if pattern.masks_bias and getattr(module, bias_name, None) is not None:
+    # recurrent biases stay dense: masking them would need a unit's ih and hh rows pruned together
+    if pattern.masks_bias and not isinstance(module, nn.RNNBase) and getattr(module, bias_name, None) is not None:
         # the bias stacks the outputs of every weight (q|k|v for attention), row groups in order
         bias_ids = torch.cat([m.group_ids[:, 0] for m in members])
         members.append(Member(name, bias_name, module, bias_ids, is_weight=False))
@@ -228,7 +244,7 @@ def find_units(model: nn.Module, config) -> list[Unit]:
         units = []
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         for name, module in named:
-            if not (class_names(module) & types) or not selected(name):  # the root counts too: a bare nn.Linear
+            if not is_layer(module, types) or not selected(name):  # the root counts too: a bare nn.Linear
                 continue
             if any(uses[id(getattr(module, w))] > 1 for w in weight_names(module)):
                 # a tied weight (GPT-2's lm_head is the token embedding): masking one user of it

@@ -1,4 +1,4 @@
-"""Built-in models, sized from the data: LeNet-300-100, Conv-4 and a small transformer.
+"""Built-in models, sized from the data: LeNet-300-100, Conv-4, a small transformer and an LSTM/GRU.
 
 Each factory takes the per-sample ``input_shape`` and ``num_classes`` of the data set and
 its own options, so one recipe line picks a model: ``model: {name: conv4, width: 0.5}``.
@@ -20,7 +20,7 @@ MODELS = Registry("model", fixed=("input_shape", "num_classes"))
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:
-    """A built-in model by name: ``lenet_300_100``, ``conv4`` or ``transformer``."""
+    """A built-in model by name: ``lenet_300_100``, ``conv4``, ``transformer`` or ``rnn``."""
     return MODELS.build(name, tuple(input_shape), num_classes, **options)
 
 
@@ -129,3 +129,38 @@ class TransformerClassifier(nn.Module):
 def transformer(input_shape: tuple[int, ...], num_classes: int, dim: int = 32, heads: int = 4, layers: int = 2,
                 mlp_ratio: int = 2, patch: int = 1, dropout: float = 0.0) -> nn.Module:
     return TransformerClassifier(input_shape, num_classes, dim, heads, layers, mlp_ratio, patch, dropout)
+
+
+class RecurrentClassifier(nn.Module):
+    """An LSTM or GRU over the input read as a sequence, classifying from its last hidden state.
+
+    A (length,) input is read in chunks of ``patch`` values per step (MNIST-1D's 40 values with
+    ``patch: 4`` are 10 steps of 4); a (height, width) image is a sequence of its rows.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, cell: str = "lstm", hidden: int = 128,
+                 layers: int = 1, patch: int = 1) -> None:
+        super().__init__()
+        cells = {"lstm": nn.LSTM, "gru": nn.GRU}
+        if cell not in cells:
+            raise ValueError(f"rnn: unknown cell {cell!r}; choose from {', '.join(cells)}")
+        if len(input_shape) == 1:
+            if input_shape[0] % patch:
+                raise ValueError(f"rnn: patch {patch} does not divide the input length {input_shape[0]}")
+            self.step_shape = (input_shape[0] // patch, patch)
+        elif len(input_shape) == 2:
+            self.step_shape = tuple(input_shape)
+        else:
+            raise ValueError(f"rnn takes (length,) or (height, width) inputs, got {input_shape}")
+        self.rnn = cells[cell](self.step_shape[1], hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.reshape(len(x), *self.step_shape))
+        return self.head(out[:, -1])
+
+
+@MODELS.register("rnn")
+def rnn(input_shape: tuple[int, ...], num_classes: int, cell: str = "lstm", hidden: int = 128, layers: int = 1,
+        patch: int = 1) -> nn.Module:
+    return RecurrentClassifier(input_shape, num_classes, cell, hidden, layers, patch)

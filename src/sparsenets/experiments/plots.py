@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 COLORS = {"dense": "black", "imp": "tab:blue", "oneshot": "tab:blue", "gradual": "tab:green",
           "reinit": "tab:orange", "random": "tab:red",
           "rigl": "tab:purple", "set": "tab:olive", "static": "tab:gray", "blkrew": "tab:brown",
-          "srste": "tab:pink", "pgf": "tab:cyan"}
+          "srste": "tab:pink", "pgf": "tab:cyan", "dropout": "tab:blue", "sparsedrop": "tab:red"}
 MAIN_ARMS = ("imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "pgf", "srste")
 
 
@@ -69,7 +69,7 @@ def _remaining_axis(axis: Any) -> None:
 def accuracy_vs_remaining(results: dict[str, Any]) -> Figure | None:
     """Mean test accuracy per level with ± std error bars (the seed spread), dense as a band."""
     entries = results["summary"]
-    if not entries:
+    if not entries or all(e["remaining"] == 1.0 for e in entries):  # nothing pruned (e.g. dropout runs)
         return None
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot()
@@ -100,6 +100,8 @@ def training_curves(results: dict[str, Any], history: list[dict[str, Any]]) -> F
     arms = [a for a in ARMS if a != "dense" and any(h["arm"] == a for h in history)] or ["dense"]
     if not history:
         return None
+    if all(h["level"] == 0 for h in history):
+        return _arm_curves(history)
     remaining = {(e["arm"], e["level"]): e["remaining"] for e in results["summary"]}
     figure = Figure(figsize=(4.5 * len(arms), 4))
     axes = figure.subplots(1, len(arms), sharey=True, squeeze=False)[0]
@@ -121,6 +123,25 @@ def training_curves(results: dict[str, Any], history: list[dict[str, Any]]) -> F
         if len(levels) <= 14:
             axis.legend(fontsize=7, title="weights left", title_fontsize=7, ncol=2)
     axes[0].set_ylabel("test accuracy (%)")
+    return figure
+
+
+def _arm_curves(history: list[dict[str, Any]]) -> Figure:
+    """One panel, one line per arm: for runs whose arms all train the full network."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot()
+    for arm in (a for a in ARMS if any(h["arm"] == a for h in history)):
+        curve: dict[int, list[float]] = defaultdict(list)
+        for h in history:
+            if h["arm"] == arm:
+                curve[h["step"]].append(100 * h["test_accuracy"])
+        steps = sorted(curve)
+        axis.plot(steps, [statistics.fmean(curve[s]) for s in steps], color=COLORS[arm], linewidth=1.2,
+                  label="no dropout" if arm == "dense" and any(h["arm"] == "dropout" for h in history) else LABELS[arm])
+    axis.set_xlabel("training step")
+    axis.set_ylabel("test accuracy (%), mean over seeds")
+    axis.grid(alpha=0.3)
+    axis.legend()
     return figure
 
 

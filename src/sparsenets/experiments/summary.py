@@ -16,14 +16,16 @@ from . import atomic
 if TYPE_CHECKING:
     from .runner import RunDir
 
-ARMS = ("dense", "imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "srste", "pgf", "reinit", "random")
+ARMS = ("dense", "imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "srste", "pgf", "dropout", "sparsedrop",
+        "reinit", "random")
 LABELS = {"dense": "dense", "imp": "IMP ticket", "oneshot": "one-shot", "gradual": "gradual",
           "reinit": "reinit control", "random": "random-prune control",
           "rigl": "RigL", "set": "SET", "static": "static sparse", "blkrew": "BLK-REW",
-          "srste": "SR-STE", "pgf": "progressive gradient flow"}
+          "srste": "SR-STE", "pgf": "progressive gradient flow", "dropout": "nn.Dropout", "sparsedrop": "SparseDrop"}
 SHORT = {"dense": "dense", "imp": "IMP", "oneshot": "one-shot", "gradual": "gradual", "reinit": "reinit",
          "random": "random", "rigl": "RigL", "set": "SET",
-         "static": "static", "blkrew": "BLK-REW", "srste": "SR-STE", "pgf": "PGF"}
+         "static": "static", "blkrew": "BLK-REW", "srste": "SR-STE", "pgf": "PGF",
+         "dropout": "Dropout", "sparsedrop": "SparseDrop"}
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

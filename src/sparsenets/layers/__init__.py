@@ -3,9 +3,8 @@
 from .block_sparse import BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear
 from .csr import CSRLinear
 from .semi_structured import SemiStructuredLinear, semi_structured_supported
-from .sparse_drop import SparseDrop
+from .sparse_drop import SparseDrop, sparse_drop_
 from .topk import TopK
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear", "CSRLinear", "SemiStructuredLinear",
-           "SparseDrop", "TopK",
-           "semi_structured_supported"]
+           "SparseDrop", "TopK", "semi_structured_supported", "sparse_drop_"]

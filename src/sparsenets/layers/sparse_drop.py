@@ -10,11 +10,13 @@ In eval mode the layer is a plain ``nn.Linear``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SparseDrop", "sparse_drop_linear"]
+__all__ = ["SparseDrop", "hidden_linears", "sparse_drop_", "sparse_drop_linear"]
 
 
 def sparse_drop_linear(x: Tensor, weight: Tensor, bias: Tensor | None, keep_blocks: Tensor, block: int,
@@ -66,3 +68,30 @@ class SparseDrop(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}, block={self.block}"
+
+
+def hidden_linears(model: nn.Module, include: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers whose inputs dropout goes on: those matching the ``include`` globs
+    (as in :class:`~sparsenets.SparsityConfig`), by default every Linear but the first."""
+    from ..targets import _matches
+
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n]
+    chosen = linears[1:] if include is None else [(n, m) for n, m in linears if _matches(n, list(include))]
+    if not chosen:
+        raise ValueError(f"no nn.Linear to put dropout on (include={include!r}; "
+                         f"linear layers: {[n for n, _ in linears]})")
+    return chosen
+
+
+def sparse_drop_(model: nn.Module, p: float = 0.5, block: int = 32, include: Sequence[str] | None = None) -> list[str]:
+    """Swap ``nn.Linear`` layers of ``model`` for :class:`SparseDrop` in place; returns their names.
+
+    ``include``: globs on module names; by default every Linear but the first, i.e. dropout on
+    hidden activations, not on the raw input. The swapped layers share their weights with the
+    originals and keep their ``state_dict`` keys.
+    """
+    chosen = hidden_linears(model, include)
+    for name, linear in chosen:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SparseDrop.from_linear(linear, p, block))
+    return [n for n, _ in chosen]

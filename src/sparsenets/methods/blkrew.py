@@ -14,6 +14,11 @@ The penalty enters as a gradient: :meth:`BlockReweighted.before_optimizer_step` 
 ``2λ W / (‖W_g^old‖² + ε)`` to each weight's ``.grad``, so the loss and the training loop stay the
 user's own. :meth:`BlockReweighted.penalty` gives the same term as a differentiable value, for
 logging, or for adding to the loss in a loop that doesn't call the hook (never both).
+
+Adaptive optimizers rescale that gradient per element, so a small group's pull to zero is no
+stronger than any other step. With ``decoupled=True`` the penalty is instead applied after each
+optimizer step as its proximal step, ``W_g ← W_g / (1 + 2·lr·λ / (‖W_g^old‖² + ε))`` (as AdamW
+decouples weight decay): the shrinking then follows the reweighting whatever the optimizer.
 """
 
 from __future__ import annotations
@@ -40,11 +45,14 @@ class BlockReweighted(Method):
         method = BlockReweighted(model, {"sparsity": 0.9, "pattern": "block:8x1"}, strength=1e-4)
         Trainer(model, data, TrainConfig(epochs=20), hooks=[method]).fit()
         method.apply()  # then fine-tune
+
+    ``decoupled=True`` shrinks the weights after each optimizer step instead of adding to their
+    gradients; it needs :meth:`on_train_begin` to have seen the optimizer (for the learning rate).
     """
 
     def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, strength: float = 1e-4,
                  refresh_every: int = 100, eps: float = 1e-3, prune_at: int | None = None,
-                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+                 decoupled: bool = False, data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
         super().__init__(model, config, data, loss_fn)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
             raise ValueError(f"strength must be a number >= 0, got {strength!r}")
@@ -59,6 +67,8 @@ class BlockReweighted(Method):
         self.strength, self.refresh_every, self.eps, self.prune_at = float(strength), refresh_every, float(eps), prune_at
         self.members: list[Member] = [m for unit in find_units(model, self.config) for m in unit.weights]
         self.coefficients: dict[str, Tensor] = {}  # 1 / (‖W_g^old‖² + ε), spread over each weight's elements
+        self.decoupled = bool(decoupled)
+        self.learning_rates: dict[int, dict] = {}  # id(parameter) -> its optimizer param group
         self.done = False
         self.refresh()
 
@@ -86,11 +96,12 @@ class BlockReweighted(Method):
     # ---- hooks -------------------------------------------------------------------------------
 
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
+        self.learning_rates = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         if self.prune_at == 0 and not self.done:
             self.apply()
 
     def before_optimizer_step(self, step: int) -> None:
-        if self.done or self.strength == 0:
+        if self.done or self.strength == 0 or self.decoupled:
             return
         with torch.no_grad():
             for m in self.members:
@@ -101,10 +112,23 @@ class BlockReweighted(Method):
     def step(self, step: int) -> None:
         if self.done:
             return
+        if self.decoupled and self.strength > 0:
+            self.shrink()
         if step == self.prune_at:
             self.apply()
         elif step % self.refresh_every == 0:
             self.refresh()
+
+    def shrink(self) -> None:
+        """The penalty's proximal step at each weight's current learning rate (``decoupled=True``)."""
+        with torch.no_grad():
+            for m in self.members:
+                weight = _parameter(m)
+                group = self.learning_rates.get(id(weight))
+                if group is None:
+                    raise RuntimeError(f"decoupled BLK-REW: '{m.qualname}' is in no optimizer seen by "
+                                       f"on_train_begin(model, optimizer); call it before training")
+                weight.div_(1 + 2 * group["lr"] * self.strength * self.coefficients[m.qualname])
 
 
 def _parameter(member: Member) -> nn.Parameter:

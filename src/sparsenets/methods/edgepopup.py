@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ..masking import _make_picklable, attach
 from ..patterns import Pattern, Unstructured
-from ..targets import DEFAULT_LAYER_TYPES, class_names, from_gemm, to_gemm, weight_names
+from ..targets import DEFAULT_LAYER_TYPES, from_gemm, is_layer, to_gemm, weight_names
 
 INITS = ("signed_constant", "kaiming_normal", "keep")
 
@@ -86,7 +86,7 @@ class EdgePopup(nn.Module):
 def _tensors(model: nn.Module, layer_types: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:
     """(module name, module, weight name) of every layer edge-popup searches, incl. both MHA projections."""
     for name, module in model.named_modules():
-        if not class_names(module) & set(layer_types):
+        if not is_layer(module, layer_types):
             continue
         for param in weight_names(module):
             yield name, module, param

@@ -186,14 +186,14 @@ class SRSTE(NMMethod):
 class ProgressiveNM(NMMethod):
     """Progressive gradient flow: decay pruned weights' scale 1 → 0 and/or step n:M down to N:M.
 
-    ``decay_end`` (fraction of ``total_steps``, default 0.75): where the scale ``β`` reaches 0
+    ``decay_end`` (fraction of ``total_steps``, default 0.5): where the scale ``β`` reaches 0
     (linearly; ``None`` for no decay, i.e. pruned weights are zero from the start).
     ``structure``: the n of each stage, densest first, ending at N (e.g. ``[4, 2, 1]`` for 1:16
     through 4:16 and 2:16); stages split ``[0, decay_end·total_steps]`` evenly.
     """
 
     def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, total_steps: int,
-                 decay_end: float | None = 0.75, structure: Sequence[int] | None = None,
+                 decay_end: float | None = 0.5, structure: Sequence[int] | None = None,
                  update_every: int = 1) -> None:
         config = as_config(config)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -211,7 +211,7 @@ class ProgressiveNM(NMMethod):
         super().__init__(model, config, update_every)
 
     def _end(self) -> float:
-        return (self.decay_end if self.decay_end is not None else 0.75) * self.total_steps
+        return (self.decay_end if self.decay_end is not None else 0.5) * self.total_steps
 
     def n_at(self, step: int) -> int:
         stage = int(len(self.stages) * step / self._end())
