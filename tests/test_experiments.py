@@ -44,6 +44,17 @@ def tiny_recipe(**changes) -> dict:
 # ---- data and models -----------------------------------------------------------------------------
 
 
+def test_lenet_with_topk_activations_keeps_a_fixed_share_of_each_hidden_layer():
+    from sparsenets.activations import activation_sparsity
+
+    model = build_model("lenet_300_100", (40,), 10, hidden=[50, 20], topk_fraction=0.1)
+    densities = activation_sparsity(model, [torch.randn(64, 40)])
+    assert densities["topk1"] == pytest.approx(5 / 50) and densities["topk2"] == pytest.approx(2 / 20)
+    assert densities["relu1"] > densities["topk1"]
+    with pytest.raises(ValueError, match="1.5"):
+        build_model("lenet_300_100", (40,), 10, topk_fraction=1.5)
+
+
 def test_builtin_datasets_have_the_expected_shapes():
     digits = load_dataset("digits")
     assert digits.input_shape == (8, 8) and digits.num_classes == 10
@@ -201,6 +212,9 @@ def test_a_run_writes_its_directory_and_a_rerun_only_reprints(tmp_path, capsys):
     assert {round(r["remaining"], 3) for r in results["jobs"]} == {1.0, 0.5, 0.25}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == len(results["jobs"]) * 2  # two epochs, one evaluation each
+    for row in results["jobs"]:  # post-ReLU densities measured on test inputs, shown in report.md
+        assert set(row["activations"]) == {"relu1", "relu2"} and all(0 < d < 1 for d in row["activations"].values())
+    assert "## Activation density" in (out / "report.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert run_recipe(load_recipe(tiny_recipe()), out) == results

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..layers.topk import TopK
 from .registry import Registry
 
 MODELS = Registry("model", fixed=("input_shape", "num_classes"))
@@ -25,14 +26,23 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **optio
 
 
 @MODELS.register("lenet_300_100")
-def lenet_300_100(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (300, 100)) -> nn.Module:
-    """The fully connected LeNet-300-100 of LeCun et al. (1998): flatten → 300 → 100 → classes."""
+def lenet_300_100(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (300, 100),
+                  topk_fraction: float | None = None) -> nn.Module:
+    """The fully connected LeNet-300-100 of LeCun et al. (1998): flatten → 300 → 100 → classes.
+
+    ``topk_fraction``: after each ReLU, keep only the largest ``topk_fraction`` of the layer's
+    activations per sample (a :class:`~sparsenets.layers.TopK` module ``topk1``, ``topk2``, ...).
+    """
+    if topk_fraction is not None and not 0 < topk_fraction <= 1:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
     sizes = [math.prod(input_shape), *hidden, num_classes]
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
         layers[f"fc{i}"] = nn.Linear(n_in, n_out)
         if i < len(sizes) - 1:
             layers[f"relu{i}"] = nn.ReLU()
+            if topk_fraction is not None:
+                layers[f"topk{i}"] = TopK(max(1, round(topk_fraction * n_out)))
     return nn.Sequential(layers)
 
 

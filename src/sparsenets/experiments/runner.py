@@ -28,8 +28,9 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
+from torch import Tensor, nn
 
+from ..activations import activation_sparsity
 from ..config import ConfigError
 from ..methods import apply_masks, copy_masks, rewind_, snapshot
 from ..report import report
@@ -43,6 +44,7 @@ from .trainer import TrainConfig, Trainer, batches, mix_seed
 
 CHECKPOINT_FORMAT = 1
 CALIBRATION_BATCHES = 8
+PROBE_SAMPLES = 1000  # test inputs on which each trained network's activation densities are measured
 
 
 class RunDirError(RuntimeError):
@@ -168,12 +170,14 @@ class RunContext:
             raise RecipeError(f"method.rewind_step {rewind} is not before the end of training ({total} steps)")
 
 
-def result_row(job: Job, model: nn.Module, history: list[dict[str, float]]) -> dict[str, Any]:
+def result_row(job: Job, model: nn.Module, history: list[dict[str, float]], probe: Tensor) -> dict[str, Any]:
+    """One trained network's numbers; ``probe`` (test inputs) measures its activation densities."""
     table = report(model)
     final = history[-1]
     return {"key": job.key, "seed": job.seed, "arm": job.arm, "level": job.level, "target_sparsity": job.target,
             "remaining": table.density, "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
-            "train_loss": final["train_loss"], "layers": {row.name: row.density for row in table.rows}}
+            "train_loss": final["train_loss"], "layers": {row.name: row.density for row in table.rows},
+            "activations": activation_sparsity(model, [probe])}
 
 
 def run_recipe(recipe: Recipe, out: str | Path, console: Console | None = None) -> dict[str, Any]:
@@ -215,7 +219,7 @@ def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
             job_started = time.perf_counter()
             torch.manual_seed(mix_seed(job.seed, job.key))  # anything random inside training (dropout)
             outcome = protocol.run(job, context)
-            done[job.key] = _save(run_dir, job, outcome)
+            done[job.key] = _save(run_dir, job, outcome, data.x_test[:PROBE_SAMPLES])
             run_dir.write_logs(recipe, jobs, done)
             progress.advance(overall)
             row = done[job.key]["result"]
@@ -226,8 +230,8 @@ def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
     return finish(run_dir, console, regenerate=True)
 
 
-def _save(run_dir: RunDir, job: Job, outcome: Outcome) -> dict[str, Any]:
-    record = {"history": outcome.history, "result": result_row(job, outcome.model, outcome.history)}
+def _save(run_dir: RunDir, job: Job, outcome: Outcome, probe: Tensor) -> dict[str, Any]:
+    record = {"history": outcome.history, "result": result_row(job, outcome.model, outcome.history, probe)}
     atomic.torch_save(run_dir.checkpoint(job.key), {
         "format": CHECKPOINT_FORMAT, "job": dataclasses.asdict(job), "weights": snapshot(outcome.model),
         "masks": copy_masks(outcome.model), "extra": outcome.extra, **record})

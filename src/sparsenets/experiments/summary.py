@@ -111,6 +111,24 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
         console.print(line)
 
 
+def activation_table(results: dict[str, Any]) -> list[str]:
+    """Markdown lines: the nonzero fraction of each activation's outputs on test inputs, per arm and level."""
+    rows = [r for r in results["jobs"] if r.get("activations")]
+    if not rows:
+        return []
+    names = list(rows[0]["activations"])
+    groups: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], r["level"]), []).append(r["activations"])
+    lines = ["", "## Activation density", "",
+             "Fraction of nonzero outputs of each activation module on 1000 test inputs, mean over seeds.", "",
+             "| arm | level | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for (arm, level), members in sorted(groups.items(), key=lambda item: (item[0][1], ARMS.index(item[0][0]))):
+        cells = [f"{statistics.fmean(m.get(n, float('nan')) for m in members):.3f}" for n in names]
+        lines.append(f"| {SHORT[arm]} | {level} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(run_dir: RunDir, results: dict[str, Any], plot_files: list[Path]) -> None:
     header, rows = pivot(results)
     lines = [f"# {results['name']}", ""]
@@ -128,6 +146,7 @@ def write_report(run_dir: RunDir, results: dict[str, Any], plot_files: list[Path
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if found := findings(results):
         lines += ["", "## Findings", "", *(f"- {line}" for line in found)]
+    lines += activation_table(results)
     if plot_files:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.relative_to(run_dir.path).as_posix()})" for p in plot_files]
