@@ -73,26 +73,20 @@ def keep_outputs(module: nn.Module, keep: Tensor) -> None:
     _replace(module, "weight", module.weight.detach().index_select(_out_dim(module), keep))
     if getattr(module, "bias", None) is not None:
         _replace(module, "bias", module.bias.detach()[keep])
-    size = keep.numel()
-    if is_hf_conv1d(module):
-        module.nf = size
-    elif isinstance(module, nn.Linear):
-        module.out_features = size
-    else:
-        module.out_channels = size
+    _set_size(module, "out", keep.numel())
 
 
 def keep_inputs(module: nn.Module, keep: Tensor, spread: int = 1) -> None:
     """Keep only the input channels ``keep`` of a GEMM layer (each ``spread`` inputs wide)."""
     columns = (keep[:, None] * spread + torch.arange(spread, device=keep.device)).reshape(-1)
     _replace(module, "weight", module.weight.detach().index_select(_in_dim(module), columns))
-    size = columns.numel()
-    if is_hf_conv1d(module):
-        module.nx = size
-    elif isinstance(module, nn.Linear):
-        module.in_features = size
-    else:
-        module.in_channels = size
+    _set_size(module, "in", columns.numel())
+
+
+def _set_size(module: nn.Module, side: str, size: int) -> None:
+    """Record a new output (``side="out"``) or input width in the layer's own attribute."""
+    hf, linear, conv = {"out": ("nf", "out_features", "out_channels"), "in": ("nx", "in_features", "in_channels")}[side]
+    setattr(module, hf if is_hf_conv1d(module) else linear if isinstance(module, nn.Linear) else conv, size)
 
 
 def can_fold(module: nn.Module) -> bool:

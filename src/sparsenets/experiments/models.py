@@ -85,6 +85,17 @@ def conv4(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int
     return Conv4(input_shape, num_classes, channels, hidden)
 
 
+def as_sequence(input_shape: tuple[int, ...], patch: int, model: str) -> tuple[int, int]:
+    """(steps, features per step): a (length,) signal in chunks of ``patch``, an image row by row."""
+    if len(input_shape) == 1:
+        if input_shape[0] % patch:
+            raise ValueError(f"{model}: patch {patch} does not divide the input length {input_shape[0]}")
+        return input_shape[0] // patch, patch
+    if len(input_shape) == 2:
+        return input_shape[0], input_shape[1]
+    raise ValueError(f"{model} takes (length,) or (height, width) inputs, got {input_shape}")
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm encoder block: ``nn.MultiheadAttention`` then an MLP, each with a residual."""
 
@@ -113,15 +124,7 @@ class TransformerClassifier(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, dim: int = 32, heads: int = 4,
                  layers: int = 2, mlp_ratio: int = 2, patch: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
-        if len(input_shape) == 1:
-            if input_shape[0] % patch:
-                raise ValueError(f"transformer: patch {patch} does not divide the input length {input_shape[0]}")
-            tokens, features = input_shape[0] // patch, patch
-        elif len(input_shape) == 2:
-            tokens, features = input_shape
-        else:
-            raise ValueError(f"transformer takes (length,) or (height, width) inputs, got {input_shape}")
-        self.token_shape = (tokens, features)
+        tokens, features = self.token_shape = as_sequence(input_shape, patch, "transformer")
         self.embed = nn.Linear(features, dim)
         self.position = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(layers))
@@ -154,14 +157,7 @@ class RecurrentClassifier(nn.Module):
         cells = {"lstm": nn.LSTM, "gru": nn.GRU}
         if cell not in cells:
             raise ValueError(f"rnn: unknown cell {cell!r}; choose from {', '.join(cells)}")
-        if len(input_shape) == 1:
-            if input_shape[0] % patch:
-                raise ValueError(f"rnn: patch {patch} does not divide the input length {input_shape[0]}")
-            self.step_shape = (input_shape[0] // patch, patch)
-        elif len(input_shape) == 2:
-            self.step_shape = tuple(input_shape)
-        else:
-            raise ValueError(f"rnn takes (length,) or (height, width) inputs, got {input_shape}")
+        self.step_shape = as_sequence(input_shape, patch, "rnn")
         self.rnn = cells[cell](self.step_shape[1], hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)
 

@@ -478,6 +478,8 @@ class NMTrainingProtocol:
 
 # ---- dropout: nn.Dropout against SparseDrop ----------------------------------------------------------
 
+DROPOUT_ARMS = ("dense", "dropout", "sparsedrop")
+
 
 @dataclass
 class DropoutOptions:
@@ -497,12 +499,8 @@ class DropoutOptions:
         if self.layers is not None and (not isinstance(self.layers, list) or
                                         not all(isinstance(g, str) for g in self.layers)):
             raise ConfigError(f"layers must be a list of module-name globs, got {self.layers!r}")
-        unknown = [a for a in self.arms if a not in DROPOUT_ARMS] if isinstance(self.arms, list) else self.arms
-        if unknown or not self.arms:
+        if not isinstance(self.arms, list) or not self.arms or any(a not in DROPOUT_ARMS for a in self.arms):
             raise ConfigError(f"arms must be a non-empty list from {list(DROPOUT_ARMS)}, got {self.arms!r}")
-
-
-DROPOUT_ARMS = ("dense", "dropout", "sparsedrop")
 
 
 class InputDropout:

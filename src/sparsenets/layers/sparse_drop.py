@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..targets import _matches
+
 __all__ = ["SparseDrop", "hidden_linears", "sparse_drop_", "sparse_drop_linear"]
 
 
@@ -73,8 +75,6 @@ class SparseDrop(nn.Linear):
 def hidden_linears(model: nn.Module, include: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers whose inputs dropout goes on: those matching the ``include`` globs
     (as in :class:`~sparsenets.SparsityConfig`), by default every Linear but the first."""
-    from ..targets import _matches
-
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n]
     chosen = linears[1:] if include is None else [(n, m) for n, m in linears if _matches(n, list(include))]
     if not chosen:
