@@ -165,6 +165,8 @@ def test_bad_options_name_the_value():
         BlockReweighted(model, CONFIG, refresh_every=0)
     with pytest.raises(ValueError, match="2:4"):
         BlockReweighted(model, {"sparsity": 0.5, "pattern": "2:4"})
+    with pytest.raises(ValueError, match="'yes'"):
+        BlockReweighted(model, CONFIG, decoupled="yes")
 
 
 def test_protocol_lists_dense_blkrew_and_oneshot_arms():

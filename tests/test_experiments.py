@@ -222,6 +222,13 @@ def test_a_run_writes_its_directory_and_a_rerun_only_reprints(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # nothing rewritten
 
 
+def test_a_model_its_options_cannot_build_fails_before_anything_is_written(tmp_path):
+    recipe = tiny_recipe(seeds=[0], method={"name": "dense"}, model={"name": "rnn", "cell": "elman"})
+    with pytest.raises(RecipeError, match="model: rnn: unknown cell 'elman'"):
+        run_recipe(load_recipe(recipe), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_different_recipe_in_a_run_directory_is_refused(tmp_path):
     out = tmp_path / "run"
     run_recipe(load_recipe(tiny_recipe(seeds=[0], method={"name": "dense"})), out)

@@ -158,8 +158,11 @@ class RunContext:
                 self.progress.remove_task(task)
 
     def check(self) -> None:
-        """Fail before anything is written if the model can't take the recipe's sparsity config."""
-        model = self.new_model(0)
+        """Fail before anything is written if the model can't be built or can't take the sparsity config."""
+        try:
+            model = self.new_model(0)
+        except ValueError as err:  # options the model's own code refuses (a bad cell, a patch that doesn't fit)
+            raise RecipeError(f"model: {err}") from None
         try:
             find_units(model, self.recipe.sparsity)
         except (ValueError, ConfigError) as err:

@@ -62,12 +62,14 @@ class BlockReweighted(Method):
             raise ValueError(f"eps must be a number > 0, got {eps!r}")
         if prune_at is not None and prune_at < 0:
             raise ValueError(f"prune_at must be >= 0, got {prune_at!r}")
+        if not isinstance(decoupled, bool):
+            raise ValueError(f"decoupled must be True or False, got {decoupled!r}")
         if isinstance(self.config.pattern, NM):
             raise ValueError(f"pattern {self.config.pattern} has no groups to penalise; use block:Rx1 or block:1xC")
         self.strength, self.refresh_every, self.eps, self.prune_at = float(strength), refresh_every, float(eps), prune_at
         self.members: list[Member] = [m for unit in find_units(model, self.config) for m in unit.weights]
         self.coefficients: dict[str, Tensor] = {}  # 1 / (‖W_g^old‖² + ε), spread over each weight's elements
-        self.decoupled = bool(decoupled)
+        self.decoupled = decoupled
         self.learning_rates: dict[int, dict] = {}  # id(parameter) -> its optimizer param group
         self.done = False
         self.refresh()
