@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import sparsenets as sn
-from sparsenets.experiments.models import build_model
+from sparsenets.models import build_model
 
 
 def mlp() -> nn.Module:

@@ -340,7 +340,7 @@ def test_head_with_zero_value_weights_is_folded() -> None:
 
 
 def test_multihead_attention_heads_are_kept_and_reported() -> None:
-    from sparsenets.experiments.models import build_model
+    from sparsenets.models import build_model
 
     model = build_model("transformer", (8, 6), 3, dim=16, heads=4)
     sn.sparsify_(model, {"sparsity": 0.5, "pattern": "head"})

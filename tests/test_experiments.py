@@ -14,7 +14,7 @@ from sparsenets.cli import build_parser, main
 from sparsenets.experiments import (
     RecipeError, RunDirError, TrainConfig, Trainer, build_model, evaluate, load_dataset, load_recipe, run_recipe,
 )
-from sparsenets.experiments import atomic
+from sparsenets.utils import atomic
 from sparsenets.experiments.commands import DEMO_RECIPE
 from sparsenets.experiments.data import cache_dir
 from sparsenets.experiments.trainer import batches, lr_at

@@ -97,7 +97,7 @@ def test_channel_pruned_convnet_rebuilds_with_its_new_sizes(tmp_path) -> None:
 
 
 def test_builtin_model_rebuilds_by_name(tmp_path) -> None:
-    from sparsenets.experiments.models import build_model
+    from sparsenets.models import build_model
 
     spec = {"name": "conv4", "input_shape": [16, 16], "num_classes": 10, "channels": [4, 4, 8, 8], "hidden": [16, 16]}
     model = build_model("conv4", (16, 16), 10, channels=[4, 4, 8, 8], hidden=[16, 16])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsenets import report
-from sparsenets.experiments.models import build_model
+from sparsenets.models import build_model
 from sparsenets.masking import get_mask, masks
 from sparsenets.methods import SRSTE, ProgressiveNM
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from sparsenets.cli import main
-from sparsenets.experiments import atomic, load_recipe, run_recipe
+from sparsenets.utils import atomic
+from sparsenets.experiments import load_recipe, run_recipe
 from sparsenets.experiments import protocols as protocols_module
 
 RECIPE = {

@@ -124,7 +124,7 @@ def test_dropout_protocol_puts_the_same_dropout_on_the_same_layers(tmp_path):
             self.recipe = recipe
 
         def new_model(self, seed):
-            from sparsenets.experiments.models import build_model
+            from sparsenets.models import build_model
             torch.manual_seed(seed)
             return build_model("lenet_300_100", (12,), 4, hidden=[64, 64])
 

@@ -9,15 +9,13 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 from .patterns import NM, Head, Pattern, parse_pattern
 from .targets import LAYER_TYPES, _matches
 
 CRITERIA = ("magnitude", "random", "snip", "grasp", "synflow", "taylor", "wanda")
 ALLOCATIONS = ("uniform", "global", "erk")
 
-
-class ConfigError(ValueError):
-    """A config value or key that is not valid; the message names it."""
 
 
 def _check_sparsity(value: Any, where: str) -> float:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import batches as B
-from .targets import is_hf_conv1d, to_gemm
+from .gemm import is_hf_conv1d, to_gemm
 
 Weights = dict[str, tuple[nn.Module, str]]  # qualname -> (module, param name) in the scored model
 Scores = dict[str, Tensor]

@@ -35,17 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from .config import SparsityConfig
+from .errors import CheckpointError
 from .masking import attach, finalize_, masks
 from .patterns import Block, PatternError, parse_pattern
-from .targets import is_hf_conv1d
+from .gemm import block_keep, expand_blocks, is_hf_conv1d
 
 FORMAT = "sparsenets-checkpoint"
 VERSION = 1
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that can't be read or rebuilt; the message names the file and the problem."""
 
 
 # ---- describing layers -----------------------------------------------------------------------------
@@ -181,17 +179,6 @@ def _grid(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], int(np.prod(shape[1:]))
 
 
-def _block_map(mask2d: Tensor, block: tuple[int, int]) -> Tensor:
-    r, c = block
-    rows, cols = mask2d.shape
-    padded = torch.zeros(-(-rows // r) * r, -(-cols // c) * c, dtype=torch.bool)
-    padded[:rows, :cols] = mask2d
-    return padded.view(padded.shape[0] // r, r, padded.shape[1] // c, c).any(dim=3).any(dim=1)
-
-
-def _expand_blocks(keep: Tensor, block: tuple[int, int], shape2d: tuple[int, int]) -> Tensor:
-    r, c = block
-    return keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[: shape2d[0], : shape2d[1]]
 
 
 def encode(tensor: Tensor, mask: Tensor | None = None, block: tuple[int, int] | None = None
@@ -219,8 +206,8 @@ def encode(tensor: Tensor, mask: Tensor | None = None, block: tuple[int, int] | 
             for shape in dict.fromkeys(s for s in (block, (1, cols), (rows, 1)) if s is not None):
                 if shape[0] > rows or shape[1] > cols:
                     continue
-                blocks = _block_map(keep2d, shape)
-                inside = _expand_blocks(blocks, shape, (rows, cols)).reshape(-1)
+                blocks = block_keep(keep2d, shape)
+                inside = expand_blocks(blocks, shape, (rows, cols)).reshape(-1)
                 if mask is None or torch.equal(inside, flat_keep):  # a given mask must come back exactly
                     options.append((f"blocks:{shape[0]}x{shape[1]}",
                                     {"values": tensor.reshape(-1)[inside], "bits": _pack(blocks)}))
@@ -262,7 +249,7 @@ def decode(info: dict[str, Any], parts: dict[str, Tensor]) -> tuple[Tensor, Tens
         rows, cols = _grid(shape)
         grid = (-(-rows // r), -(-cols // c))
         bits = _expect(parts["bits"], -(-grid[0] * grid[1] // 8), "block bitmap")
-        keep = _expand_blocks(_unpack(bits, grid[0] * grid[1]).reshape(grid), (r, c), (rows, cols)).reshape(-1)
+        keep = expand_blocks(_unpack(bits, grid[0] * grid[1]).reshape(grid), (r, c), (rows, cols)).reshape(-1)
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
     _expect(values, int(keep.sum()), "kept values")
@@ -498,7 +485,7 @@ def _skeleton(architecture: dict, model: nn.Module | Callable[[], nn.Module] | N
         return built
     kind = architecture.get("kind")
     if kind == "builtin":
-        from .experiments.models import build_model
+        from .models import build_model
 
         spec = dict(architecture["spec"])
         return build_model(spec.pop("name"), spec.pop("input_shape"), spec.pop("num_classes"), **spec)

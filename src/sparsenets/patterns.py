@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import PatternError
 
-class PatternError(ValueError):
-    """A pattern that a layer cannot take, or a pattern string that does not parse."""
 
 
 @dataclass(frozen=True)

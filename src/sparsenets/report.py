@@ -12,7 +12,8 @@ from torch import nn
 from . import batches as B
 from .activations import input_density
 from .masking import get_mask
-from .targets import is_hf_conv1d, is_layer, weight_names
+from .gemm import is_hf_conv1d
+from .targets import is_layer, weight_names
 
 
 @dataclass

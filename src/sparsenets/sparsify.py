@@ -19,7 +19,8 @@ from .config import SparsityConfig, as_config
 from .criteria import CRITERIA, Criterion
 from .masking import attach, finalize_, get_mask
 from .patterns import NM, Unstructured
-from .targets import Unit, find_units, from_gemm, to_gemm
+from .gemm import from_gemm, to_gemm
+from .targets import Unit, find_units
 
 
 def sparsify_(

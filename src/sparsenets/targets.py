@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .gemm import from_gemm, is_hf_conv1d, to_gemm
 from .patterns import NM, Head, Pattern
 
 # Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
@@ -40,10 +41,6 @@ def is_layer(module: nn.Module, types: tuple[str, ...] | set[str] = LAYER_TYPES)
     return bool(names)
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2) stores its weight as ``in × out``."""
-    return "Conv1D" in class_names(module) and hasattr(module, "nf")
-
 
 def weight_names(module: nn.Module) -> list[str]:
     """The weight parameters of a supported layer, in GEMM form order."""
@@ -55,18 +52,6 @@ def weight_names(module: nn.Module) -> list[str]:
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     return ["weight"]
 
-
-def to_gemm(module: nn.Module, tensor: Tensor) -> Tensor:
-    """View a weight (or a tensor of its shape) as ``out × in``."""
-    if is_hf_conv1d(module):
-        return tensor.t()
-    return tensor.reshape(tensor.shape[0], -1)
-
-
-def from_gemm(module: nn.Module, matrix: Tensor, shape: torch.Size) -> Tensor:
-    if is_hf_conv1d(module):
-        return matrix.t().contiguous()
-    return matrix.reshape(shape)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..targets import is_hf_conv1d
+from ..gemm import is_hf_conv1d
 from . import surgery as S
 from .probe import Calls
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..layers.csr import CSRLinear
 from ..patterns import Block, PatternError, parse_pattern
-from ..targets import is_hf_conv1d, to_gemm
+from ..gemm import block_density, is_hf_conv1d, to_gemm
 from .surgery import CONV_TYPES
 
 MARGIN = 0.10  # a sparse kernel must be this much faster than dense to be chosen
@@ -91,13 +91,6 @@ def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Mod
             builders["block"] = lambda: cls.from_dense(module, weight, weight != 0, block)
     return builders
 
-
-def block_density(gemm: Tensor, block: tuple[int, int]) -> float:
-    r, c = block
-    rows, cols = -(-gemm.shape[0] // r) * r, -(-gemm.shape[1] // c) * c
-    padded = gemm.new_zeros(rows, cols)
-    padded[: gemm.shape[0], : gemm.shape[1]] = gemm
-    return float(padded.view(rows // r, r, cols // c, c).ne(0).any(dim=3).any(dim=1).float().mean())
 
 
 def rule(module: nn.Module, pattern: str, kinds: list[str]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..targets import is_hf_conv1d
+from ..gemm import is_hf_conv1d
 from . import surgery as S
 
 

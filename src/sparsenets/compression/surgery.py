@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..targets import is_hf_conv1d
+from ..gemm import is_hf_conv1d
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

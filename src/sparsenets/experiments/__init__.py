@@ -7,9 +7,11 @@
 """
 
 from .data import Dataset, load_dataset
-from .models import build_model
-from .recipe import Recipe, RecipeError, load_recipe
-from .runner import RunDir, RunDirError, run_recipe
+from ..models import build_model
+from .recipe import Recipe, load_recipe
+from ..errors import RecipeError, RunDirError
+from .rundir import RunDir
+from .runner import run_recipe
 from .trainer import TrainConfig, Trainer, evaluate
 
 __all__ = [

@@ -10,10 +10,12 @@ import yaml
 
 from rich.console import Console
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .protocols import PROTOCOLS
 from .recipe import load_recipe
-from .runner import RunDir, RunDirError, finish, run_recipe
+from ..errors import RunDirError
+from .rundir import RunDir
+from .runner import finish, run_recipe
 from .summary import load_results
 
 # The demo: a lottery-ticket experiment on MNIST-1D sized for a couple of CPU minutes.

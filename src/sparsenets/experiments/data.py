@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import atomic
-from .registry import Registry
+from ..utils import atomic
+from ..registry import Registry
 
 DATASETS = Registry("data set")
 

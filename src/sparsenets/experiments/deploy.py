@@ -23,10 +23,10 @@ from ..compression import compress
 from ..io import save
 from ..masking import finalize_
 from ..methods import apply_masks, rewind_
-from . import atomic
+from ..utils import atomic
 from .data import load_dataset
-from .models import build_model
-from .runner import RunDir
+from ..models import build_model
+from .rundir import RunDir
 
 BATCH = 1024
 REPEATS = 30

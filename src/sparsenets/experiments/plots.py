@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from . import atomic
+from ..utils import atomic
 from .summary import ARMS, LABELS
 
 if TYPE_CHECKING:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, SparsityConfig
+from ..config import SparsityConfig
+from ..errors import ConfigError
 from ..methods import (BlockReweighted, GradualMagnitudePruning, LotteryTicket, OneShot, RigL, SET,
                        StaticSparse, random_prune,
                        reinitialize, rewind_)

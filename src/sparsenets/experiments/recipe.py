@@ -24,17 +24,15 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, SparsityConfig
+from ..config import SparsityConfig
+from ..errors import ConfigError, RecipeError
 from .data import DATASETS
-from .models import MODELS
+from ..models import MODELS
 from .protocols import PROTOCOLS, check_options, validate
 from .trainer import TrainConfig
 
 SECTIONS = ("name", "description", "seeds", "threads", "data", "model", "train", "method", "sparsity")
 
-
-class RecipeError(ConfigError):
-    """A recipe that can't run; the message names the key and the value."""
 
 
 @dataclass

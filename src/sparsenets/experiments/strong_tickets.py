@@ -31,12 +31,12 @@ import torch
 import yaml
 from rich.console import Console
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..methods.edgepopup import edge_popup_, finalize_, lottery_jackpot_
 from ..report import report
-from . import atomic
+from ..utils import atomic
 from .data import load_dataset
-from .models import build_model
+from ..models import build_model
 from .slt_attention import SLTAttentionConfig, approximate, random_target
 from .trainer import TrainConfig, Trainer, mix_seed
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from . import atomic
+from ..utils import atomic
 
 if TYPE_CHECKING:
     from .runner import RunDir

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .data import Dataset
 
 OPTIMIZERS = ("sgd", "adam")

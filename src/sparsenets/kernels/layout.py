@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..gemm import block_keep, n_blocks
 
-def n_blocks(size: int, side: int) -> int:
-    return -(-size // side)
 
 
 @dataclass(frozen=True)
@@ -86,14 +85,6 @@ class BlockLayout:
         moved = {k: getattr(self, k).to(device) for k in ("row_ptr", "col_idx", "row_idx", "t_ptr", "t_row", "t_block")}
         return BlockLayout(self.out_features, self.in_features, self.block, **moved)
 
-
-def block_keep(mask: Tensor, block: tuple[int, int]) -> Tensor:
-    """``(row blocks, column blocks)`` map: True where the block of ``mask`` has any True."""
-    r, c = block
-    rows, cols = mask.shape
-    padded = torch.zeros(n_blocks(rows, r) * r, n_blocks(cols, c) * c, dtype=torch.bool, device=mask.device)
-    padded[:rows, :cols] = mask.to(torch.bool)
-    return padded.view(padded.shape[0] // r, r, padded.shape[1] // c, c).any(dim=3).any(dim=1)
 
 
 def gather_blocks(weight: Tensor, layout: BlockLayout) -> Tensor:

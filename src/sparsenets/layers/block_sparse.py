@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import BlockLayout, block_keep, block_sparse_linear, gather_blocks, scatter_blocks
-from ..kernels.layout import n_blocks
+from ..gemm import n_blocks
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear"]
 

@@ -32,7 +32,8 @@ from torch.nn.utils import parametrize
 from ..batches import LossFn
 from ..config import SparsityConfig
 from ..patterns import NM
-from ..targets import Member, find_units, from_gemm, to_gemm
+from ..gemm import from_gemm, to_gemm
+from ..targets import Member, find_units
 from .base import Method
 
 

@@ -27,7 +27,8 @@ from torch.nn.utils import parametrize
 
 from ..masking import _make_picklable, attach
 from ..patterns import Pattern, Unstructured
-from ..targets import DEFAULT_LAYER_TYPES, from_gemm, is_layer, to_gemm, weight_names
+from ..gemm import from_gemm, to_gemm
+from ..targets import DEFAULT_LAYER_TYPES, is_layer, weight_names
 
 INITS = ("signed_constant", "kaiming_normal", "keep")
 

@@ -36,7 +36,8 @@ from torch.nn.utils import parametrize
 from ..config import SparsityConfig, as_config
 from ..masking import _make_picklable, attach
 from ..patterns import NM
-from ..targets import find_units, is_hf_conv1d
+from ..gemm import is_hf_conv1d
+from ..targets import find_units
 from .base import Method
 
 

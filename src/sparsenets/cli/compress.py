@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import CheckpointError, load, read_checkpoint, save
+from ..errors import CheckpointError
+from ..io import load, read_checkpoint, save
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +49,7 @@ def _sample_shape(header: dict, model: torch.nn.Module, given: list[int] | None)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import compress
+    from ..compression import compress
 
     if args.batch < 1:
         print(f"error: --batch must be >= 1, got {args.batch}", file=sys.stderr)

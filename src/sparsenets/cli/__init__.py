@@ -10,9 +10,9 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from .. import __version__
 
-COMMAND_MODULES: tuple[str, ...] = ("sparsenets.experiments.commands", "sparsenets.bench", "sparsenets.compression.cli",
+COMMAND_MODULES: tuple[str, ...] = ("sparsenets.experiments.commands", "sparsenets.bench", "sparsenets.cli.compress",
                                      "sparsenets.experiments.strong_tickets")
 
 

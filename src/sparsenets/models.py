@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers.topk import TopK
+from .layers.topk import TopK
 from .registry import Registry
 
 MODELS = Registry("model", fixed=("input_shape", "num_classes"))

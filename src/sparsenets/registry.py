@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ..config import ConfigError
+from .errors import ConfigError
 
 
 class Registry:

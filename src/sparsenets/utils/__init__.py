@@ -1,0 +1,1 @@
+"""Small shared helpers: the atomic file writer, the cache directory, the timer."""
