@@ -13,7 +13,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sparsenets.bench import Case, machine, run, write_json
+from sparsenets.bench import Case, machine, run
+from sparsenets.utils.atomic import write_json
 
 BLOCKS = [(1, 32), (4, 4), (8, 8), (16, 16), (32, 1), (32, 32), (64, 64)]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 import sparsenets as sn
 from sparsenets.io import read_checkpoint
 from sparsenets.masking import masks
+from sparsenets.utils import atomic
 
 CASES = [("unstructured", s) for s in (0.5, 0.8, 0.9, 0.95)] + [
     ("block:32x32", s) for s in (0.5, 0.8, 0.9, 0.95)] + [("2:4", 0.5), ("channel", 0.5), ("channel", 0.9)]
@@ -60,7 +60,7 @@ def main() -> None:
               f"| {r['compressed_bytes'] / 1e6:.2f} MB | {ratio:.3f} | {ratio / r['density']:.3f} "
               f"| {r['compressed_encoding']} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """End-to-end speed of compressed models against their dense (masks baked in) form, on CPU.
 
 For each model and sparsity pattern: sparsify (magnitude, uniform), ``compress`` with autotune
-on an example batch, then time the dense and the compressed model in interleaved rounds on
-fresh batches of the same size; figures are medians over rounds. Prints a markdown table,
-the per-layer choices with ``--layers``.
+on an example batch, then time the dense and the compressed model in interleaved rounds
+(``sparsenets.utils.timing``) on another batch of the same size; figures are medians over
+rounds. Prints a markdown table, the per-layer choices with ``--layers``.
 
     python bench/compress_speed.py [--threads 1] [--batch 1 64] [--layers] [--json speed.json]
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
+import functools
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 
 import sparsenets as sn
 from sparsenets.models import build_model
+from sparsenets.utils import atomic, timing
 
 
 def mlp() -> nn.Module:
@@ -41,22 +41,12 @@ CASES = {
 
 
 def timed(models: dict[str, nn.Module], make_input, rounds: int, seconds: float) -> dict[str, float]:
-    """Median milliseconds per forward, rounds interleaved so load hits every model alike."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    start = time.perf_counter()
+    """Median milliseconds per forward: at least ``rounds`` interleaved rounds, more within ``seconds``."""
+    x = make_input()
     with torch.no_grad():
-        x = make_input()
-        for model in models.values():
-            model(x)
-        done = 0
-        while done < rounds or (time.perf_counter() - start < seconds and done < 20 * rounds):
-            x = make_input()
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - t0)
-            done += 1
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        found = timing.interleaved({name: functools.partial(model, x) for name, model in models.items()},
+                                   rounds=20 * rounds, min_rounds=rounds, budget_s=seconds)
+    return found.median_ms()
 
 
 def run_case(model_name: str, pattern: str, sparsity: float, batch: int, args) -> dict:
@@ -108,7 +98,7 @@ def main() -> None:
               f"| {r['params_before'] / 1e6:.2f}M → {r['params_after'] / 1e6:.2f}M | {r['dense_ms']:.3f} "
               f"| {r['compressed_ms']:.3f} | {r['speedup']:.2f}× | {kernels} | {r['compress_s']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

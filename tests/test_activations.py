@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import sparsenets as sn
-from sparsenets.activations import activation_sparsity
+from sparsenets.activations import activation_density
 from sparsenets.layers import TopK
 
 
@@ -17,25 +17,25 @@ def test_relu_density_counts_nonzero_outputs_over_all_batches():
     batches = [(torch.randn(8, 10), None) for _ in range(3)]
     hidden = torch.cat([torch.relu(model[0](x)) for x, _ in batches])
     expected = (hidden > 0).float().mean().item()
-    assert activation_sparsity(model, batches) == {"1": pytest.approx(expected)}
+    assert activation_density(model, batches) == {"1": pytest.approx(expected)}
     first_only = (hidden[:8] > 0).float().mean().item()
-    assert activation_sparsity(model, batches, max_batches=1)["1"] == pytest.approx(first_only)
+    assert activation_density(model, batches, max_batches=1)["1"] == pytest.approx(first_only)
 
 
 def test_gelu_uses_the_threshold():
     model = _mlp(nn.GELU())
     x = torch.randn(16, 10)
     hidden = nn.functional.gelu(model[0](x))
-    assert activation_sparsity(model, [x])["1"] == 1.0
-    density = activation_sparsity(model, [x], threshold=0.1)["1"]
+    assert activation_density(model, [x])["1"] == 1.0
+    density = activation_density(model, [x], threshold=0.1)["1"]
     assert density == pytest.approx((hidden.abs() > 0.1).float().mean().item())
     with pytest.raises(ValueError, match="-1"):
-        activation_sparsity(model, [x], threshold=-1)
+        activation_density(model, [x], threshold=-1)
 
 
 def test_restores_training_mode_and_leaves_gradients_alone():
     model = _mlp(nn.ReLU()).train()
-    activation_sparsity(model, [torch.randn(4, 10)])
+    activation_density(model, [torch.randn(4, 10)])
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
 
@@ -53,7 +53,7 @@ def test_topk_keeps_the_k_largest_per_row():
 
 def test_topk_density_is_k_over_width():
     model = _mlp(TopK(8))
-    assert activation_sparsity(model, [torch.randn(20, 10)])["1"] == pytest.approx(8 / 32)
+    assert activation_density(model, [torch.randn(20, 10)])["1"] == pytest.approx(8 / 32)
 
 
 def test_report_shows_input_density_only_with_data():

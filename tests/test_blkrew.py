@@ -158,7 +158,6 @@ def test_penalty_stops_after_pruning_and_pruned_weights_stay_zero():
 
 def test_bad_options_name_the_value():
     model = nn.Sequential(nn.Linear(8, 8))
-    layer = model[0]
     with pytest.raises(ValueError, match="-1"):
         BlockReweighted(model, CONFIG, strength=-1)
     with pytest.raises(ValueError, match="refresh_every"):

@@ -7,20 +7,26 @@ mode, forward and backward. Sizes are read from the modules themselves.
 from __future__ import annotations
 
 import copy
+import errno
+import logging
+import os
 import pickle
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import convnet, mlp, snapshot
 from torch import nn
 
 import sparsenets as sn
 from sparsenets.compression import choose, surgery
 from sparsenets.layers.csr import CSRLinear
 from sparsenets.masking import masks
+from sparsenets.record import get_record, has_record
+
+from helpers import convnet, mlp, snapshot
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -182,7 +188,8 @@ def test_compressed_outputs_equal_masked_outputs(model_name: str, pattern: str, 
             _assert_close(_out(compressed, inputs), _out(masked, inputs))
 
 
-@pytest.mark.parametrize("model_name, pattern", [c for c in CASES if c[0] in ("mlp", "convnet", "conv1d", "functional")])
+@pytest.mark.parametrize("model_name, pattern",
+                         [c for c in CASES if c[0] in ("mlp", "convnet", "conv1d", "functional")])
 def test_compressed_gradients_equal_masked_gradients(model_name: str, pattern: str, all_sparse) -> None:
     masked = _masked(model_name, pattern)
     fresh = MODELS[model_name][1]
@@ -389,24 +396,24 @@ def test_autotune_picks_the_fastest_and_caches(tmp_path, monkeypatch) -> None:
     x = torch.randn(16, 128)
     first = sn.compress(model, x, cache=str(cache)).compress_report
     for layer in first.layers:
-        assert layer.how == "timed" and {"dense", "csr"} <= set(layer.times_ms)
-        best = layer.times_ms[layer.kind]
-        assert best <= layer.times_ms["dense"]  # never slower than dense
-        if layer.kind == "dense":  # a sparse kernel must win by the margin to be chosen
-            assert min(layer.times_ms.values()) >= (1 - choose.MARGIN) * best
+        assert layer.how == "timed" or layer.how.startswith(choose.INCONCLUSIVE)  # (then the rule's choice)
+        assert {"dense", "csr"} <= set(layer.times_ms)
+        assert layer.times_ms[layer.kind] <= layer.times_ms["dense"] or layer.kind == "dense"  # (medians)
     assert cache.exists()
     monkeypatch.setattr(choose, "_TIMINGS", {})  # a new process: only the file remembers
     second = sn.compress(model, x, cache=str(cache)).compress_report
-    assert [c.how for c in second.layers] == ["cached", "cached"]
+    assert [c.how for c in second.layers] == [c.how.replace("timed", "cached") for c in first.layers]
     assert [c.kind for c in second.layers] == [c.kind for c in first.layers]
 
 
-def test_report_prints_a_row_per_layer(capsys) -> None:
+def test_verbose_logs_a_row_per_layer(capsys, caplog) -> None:
     masked = _masked("mlp", "channel")
-    sn.compress(masked, torch.randn(2, 20), autotune=False, verbose=True)
-    printed = capsys.readouterr().out
-    assert "parameters: 1,589 ->" in printed
-    assert all(f"\n{name} " in printed for name in ("0", "2", "4"))
+    with caplog.at_level(logging.INFO, logger="sparsenets.compression"):
+        sn.compress(masked, torch.randn(2, 20), autotune=False, verbose=True)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sparsenets.compression"))
+    assert "parameters: 1,589 ->" in logged
+    assert all(f"\n{name} " in logged for name in ("0", "2", "4"))
+    assert capsys.readouterr().out == ""  # a library logs; only the command line prints
 
 
 # ---- safety nets ----------------------------------------------------------------------------------------
@@ -486,6 +493,21 @@ def test_compressed_model_deepcopies_pickles_and_state_dicts(all_sparse) -> None
     _assert_close(fresh(x), compressed(x))
 
 
+def test_compression_records_survive_copies_and_reloads(tmp_path, all_sparse) -> None:
+    """What compress did to each layer (kernel origin, pattern, resizing) travels with the model."""
+    compressed = sn.compress(_masked("mlp", "channel"), torch.randn(2, 20), autotune=False)
+    before = {name: get_record(m) for name, m in compressed.named_modules() if has_record(m)}
+    assert any(r.resized for r in before.values()) and any(r.origin for r in before.values())
+    assert [r.pattern for r in before.values()] == ["channel"] * 3
+    path = tmp_path / "c.safetensors"
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), lambda m: sn.load(sn.save(m, path))):
+        clone = copy_of(compressed)
+        assert {name: get_record(m) for name, m in clone.named_modules() if has_record(m)} == before
+    twice = sn.load(sn.save(sn.load(path), tmp_path / "again.safetensors"))  # resized layers load again
+    x = torch.randn(3, 20)
+    _assert_close(twice(x), compressed(x))
+
+
 # ---- CSRLinear ----------------------------------------------------------------------------------------
 
 
@@ -547,6 +569,56 @@ def test_command_line(tmp_path, capsys) -> None:
     _assert_close(loaded(x), model.eval()(x))
     assert main(["compress", str(tmp_path / "missing.safetensors"), str(target)]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def _corrupt(source, target) -> None:
+    data = bytearray(source.read_bytes())
+    data[-5] ^= 0xFF
+    source.write_bytes(bytes(data))
+
+
+def _directory(source, target) -> None:
+    target.mkdir()
+
+
+def _read_only_directory(source, target, monkeypatch) -> None:
+    target.parent.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: fail the way the OS fails everyone else
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", dir)
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def _full_disk(source, target, monkeypatch) -> None:
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+
+
+@pytest.mark.parametrize("problem, named, code", [
+    (_corrupt, "in.safetensors", 2), ("missing", "in.safetensors", 1), (_directory, "out.safetensors", 2),
+    (_read_only_directory, "out.safetensors", 1), (_full_disk, "out.safetensors", 1)])
+def test_command_line_errors_are_one_line(tmp_path, capsys, monkeypatch, problem, named: str, code: int) -> None:
+    from sparsenets.cli import main
+
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    sn.sparsify_(model, {"sparsity": 0.5, "pattern": "channel", "exclude": ["2"]})
+    source = sn.save(model, tmp_path / "in.safetensors")
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "out.safetensors"
+    if problem == "missing":
+        source.unlink()
+    elif problem in (_read_only_directory, _full_disk):
+        problem(source, target, monkeypatch)
+    else:
+        problem(source, target)
+    try:
+        assert main(["compress", str(source), str(target), "--no-autotune"]) == code
+    finally:
+        target.parent.chmod(0o755)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert not target.is_file() and [p.name for p in target.parent.iterdir()] == ([target.name] * target.is_dir())
 
 
 def test_one_activation_module_used_twice_still_shrinks() -> None:

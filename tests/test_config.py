@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 from torch.nn.utils import parametrize
 
 import sparsenets as sn
@@ -47,7 +46,7 @@ def test_from_yaml_string_and_file(tmp_path):
     ({"criterion": "l1"}, r"unknown criterion 'l1'; choose from magnitude"),
     ({"allocation": "erdos"}, r"unknown allocation 'erdos'"),
     ({"pattern": "2:4", "sparsity": 0.9}, r"pattern 2:4 fixes sparsity at 0.5"),
-    ({"pattern": "2:4", "allocation": "erk"}, r"allocation 'erk' does not apply"),
+    ({"pattern": "2:4", "allocation": "erk"}, r"does not take allocation 'erk'; use 'uniform'"),
     ({"module_types": ["Transformer"]}, r"unknown type 'Transformer'"),
     ({"overrides": {"fc": 1.5}}, r"overrides\['fc'\].sparsity must be"),
     ({"overrides": {"fc": {"density": 0.1}}}, r"unknown key\(s\) \['density'\]"),
@@ -95,3 +94,45 @@ def test_config_can_be_a_dict_or_yaml_path(tmp_path):
         assert sn.report(model).sparsity == pytest.approx(0.75, abs=0.01)
     with pytest.raises(ConfigError, match="expected a SparsityConfig"):
         sn.sparsify_(mlp(), 0.75)
+
+
+# ---- what patterns answer for the rest of the package -------------------------------------------
+
+def test_patterns_answer_for_their_behaviour():
+    nm, block, channel, head, flat = sn.NM(2, 8), sn.Block(4, 2), sn.Channel(), sn.Head(), sn.Unstructured()
+    assert [p.block_shape for p in (nm, block, channel)] == [None, (4, 2), None]
+    assert [p.n_m for p in (nm, block)] == [(2, 8), None]
+    assert [p.selects_locally for p in (nm, block, flat)] == [True, False, False]
+    assert [p.scope for p in (block, head)] == ["layer", "attention"]
+    assert nm.allowed_allocations == ("uniform",) and block.allowed_allocations is None
+    assert [p.supports_rewiring for p in (flat, block, channel, nm, head)] == [True, True, False, False, False]
+    assert flat.elementwise and not block.elementwise
+
+
+def test_at_density_steps_nm_and_keeps_other_patterns():
+    nm = sn.NM(1, 8)
+    assert [nm.at_density(d) for d in (1.0, 0.95, 0.5, 0.2, 0.05)] == [None, None, sn.NM(4, 8), sn.NM(2, 8), nm]
+    assert sn.Block(4, 4).at_density(0.3) == sn.Block(4, 4) and sn.Block(4, 4).at_density(1.0) is None
+
+
+def test_conforms_tells_a_pattern_mask_from_a_mixed_one():
+    block = sn.Block(2, 2)
+    whole = torch.zeros(4, 4, dtype=torch.bool)
+    whole[:2, :2] = True
+    holed = whole.clone()
+    holed[0, 0] = False
+    assert block.conforms(whole) and not block.conforms(holed)
+    assert sn.NM(2, 4).conforms(torch.tensor([[True, False, False, True]]))
+    assert not sn.NM(2, 4).conforms(torch.tensor([[True, True, False, True]]))
+
+
+def test_choices_come_from_the_registries():
+    from sparsenets.allocation import ALLOCATIONS
+    from sparsenets.criteria import CRITERIA
+    with pytest.raises(ConfigError) as info:
+        sn.SparsityConfig(criterion="nope")
+    assert all(name in str(info.value) for name in CRITERIA)
+    with pytest.raises(ConfigError) as info:
+        sn.SparsityConfig(allocation="nope")
+    assert all(name in str(info.value) for name in ALLOCATIONS)
+    assert sn.SparsityConfig(criterion="synflow").rounds == CRITERIA["synflow"].default_rounds == 100

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from sparsenets import SparsityConfig, sparsify_
 from sparsenets.config import ConfigError
 from sparsenets.experiments import load_recipe, run_recipe
 from sparsenets.masking import get_mask, masks
@@ -158,7 +159,7 @@ def test_rigl_block_grows_the_block_with_the_largest_mean_gradient():
                   update_every=1, drop_fraction=0.5)
     mask = get_mask(layer, "weight").mask.clone()
     block_on = mask[0, ::2]  # one entry per block
-    on, off = block_on.nonzero().flatten(), (~block_on).nonzero().flatten()
+    off = (~block_on).nonzero().flatten()
     gradient = torch.zeros(2, 8)
     gradient[:, 2 * off[0]:2 * off[0] + 2] = 1.0
     gradient[:, 2 * off[1]:2 * off[1] + 2] = 2.0
@@ -183,9 +184,23 @@ def test_same_seed_same_masks_other_seed_other_masks():
     assert any(not torch.equal(first[n], other[n]) for n in first)
 
 
+RANDOM_ERK = {"criterion": "random", "allocation": "erk"}
+
+
+@pytest.mark.parametrize("method", [StaticSparse, SET, RigL])
+def test_a_dict_config_and_the_same_sparsity_config_give_the_same_masks(method):
+    a, b = mlp(), mlp()
+    method(a, {"sparsity": 0.9})
+    method(b, SparsityConfig(sparsity=0.9))
+    assert all(torch.equal(x, y) for x, y in zip(mask_state(a).values(), mask_state(b).values()))
+    assert get_mask(a[0], "weight").pattern == "unstructured"
+    magnitude = sparsify_(mlp(), {"sparsity": 0.9})  # the config's defaults: magnitude, uniform
+    assert torch.equal(get_mask(a[0], "weight").mask, get_mask(magnitude[0], "weight").mask)
+
+
 def test_static_keeps_its_random_erk_mask_and_the_model_stays_copyable():
     model = mlp()
-    method = StaticSparse(model, {"sparsity": 0.9})
+    method = StaticSparse(model, {"sparsity": 0.9, **RANDOM_ERK})
     start = mask_state(model)
     densities = [float(m.float().mean()) for m in start.values()]
     assert densities[0] < densities[-1]  # ERK: the small last layer is denser
@@ -213,6 +228,10 @@ def test_bad_input_is_named(bad, message):
         SET(mlp(), config, **bad)
 
 
+def _options(method: dict) -> str:
+    return "".join(f", {k}: {v}" for k, v in method.items())
+
+
 def tiny_dst_recipe(tmp_path, **method):
     path = tmp_path / "dst.yaml"
     path.write_text(
@@ -220,7 +239,7 @@ def tiny_dst_recipe(tmp_path, **method):
         "data: {name: teacher, train_samples: 256, test_samples: 128, inputs: 12, classes: 4}\n"
         "model: {name: lenet_300_100, hidden: [24, 16]}\n"
         "train: {optimizer: adam, lr: 0.01, epochs: 2, batch_size: 64}\n"
-        f"method: {{name: sparse_training, sparsities: [0.8], update_every: 2{''.join(f', {k}: {v}' for k, v in method.items())}}}\n"
+        f"method: {{name: sparse_training, sparsities: [0.8], update_every: 2{_options(method)}}}\n"
         "sparsity: {criterion: random, allocation: erk}\n")
     return path
 

@@ -11,17 +11,25 @@ import yaml
 from torch import nn
 
 from sparsenets.cli import build_parser, main
+from sparsenets.cli.demo import DEMO_RECIPE
 from sparsenets.experiments import (
-    RecipeError, RunDirError, TrainConfig, Trainer, build_model, evaluate, load_dataset, load_recipe, run_recipe,
+    RecipeError,
+    RunDirError,
+    TrainConfig,
+    Trainer,
+    build_model,
+    evaluate,
+    load_dataset,
+    load_recipe,
+    run_recipe,
 )
-from sparsenets.utils import atomic
-from sparsenets.experiments.commands import DEMO_RECIPE
 from sparsenets.experiments.data import cache_dir
+from sparsenets.experiments.rundir import LOCK_NAME
 from sparsenets.experiments.trainer import batches, lr_at
+from sparsenets.utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-# run recipes; those with an ``experiment:`` key are strong-ticket recipes (tests/test_edgepopup.py)
-RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if "experiment" not in yaml.safe_load(p.read_text()))
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))  # every shipped recipe, strong tickets included
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,10 +53,10 @@ def tiny_recipe(**changes) -> dict:
 
 
 def test_lenet_with_topk_activations_keeps_a_fixed_share_of_each_hidden_layer():
-    from sparsenets.activations import activation_sparsity
+    from sparsenets.activations import activation_density
 
     model = build_model("lenet_300_100", (40,), 10, hidden=[50, 20], topk_fraction=0.1)
-    densities = activation_sparsity(model, [torch.randn(64, 40)])
+    densities = activation_density(model, [torch.randn(64, 40)])
     assert densities["topk1"] == pytest.approx(5 / 50) and densities["topk2"] == pytest.approx(2 / 20)
     assert densities["relu1"] > densities["topk1"]
     with pytest.raises(ValueError, match="1.5"):
@@ -137,12 +145,17 @@ def test_data_order_is_seeded_and_resumable_from_any_step():
 
 
 def test_train_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+    from sparsenets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer: input should be 'sgd' or 'adam', got 'rmsprop'"):
         TrainConfig(optimizer="rmsprop")
-    with pytest.raises(ValueError, match="lr must be a non-negative number, got -1"):
+    with pytest.raises(ConfigError, match="lr: input should be greater than 0, got -1"):
         TrainConfig(lr=-1)
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\]; valid keys: optimizer"):
+    with pytest.raises(ConfigError, match=r"lr: input should be a finite number, got nan; epochs: .*got '3'"):
+        TrainConfig(epochs="3", lr=float("nan"))  # strict, finite, and every problem named
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epoch'\]; valid keys: optimizer"):
         TrainConfig.from_dict({"epoch": 3})
+    assert TrainConfig(epochs=5, lr=1).lr == 1.0 and TrainConfig(milestones=[3, 1]).milestones == [1, 3]
 
 
 # ---- recipes ---------------------------------------------------------------------------------------------
@@ -157,8 +170,8 @@ def test_shipped_recipes_are_valid(path):
 
 def test_shipped_recipes_cover_the_methods_and_patterns():
     recipes = [load_recipe(p) for p in RECIPES]
-    assert {r.method["name"] for r in recipes} >= {"lottery", "oneshot", "gradual"}
-    patterns = {str(r.sparsity.pattern) for r in recipes}
+    assert {r.method["name"] for r in recipes} >= {"lottery", "oneshot", "gradual", "edgepopup", "slt_attention"}
+    patterns = {str(r.sparsity.pattern) for r in recipes if r.sparsity is not None}
     assert any(p.startswith("block:") for p in patterns) and any(":" in p and p[0].isdigit() for p in patterns)
     assert {p.stem for p in RECIPES} >= {"lottery_demo", "lth_mnist1d"}
 
@@ -168,25 +181,95 @@ def test_the_demo_runs_the_shipped_demo_recipe():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]; valid keys: name, description, seeds"),
-    ({"method": {"name": "lottery", "levels": 3}}, r"unknown option\(s\) \['levels'\] for method 'lottery'; "
-                                                   r"valid options: name, prune_fraction, rewind_step"),
-    ({"method": {"name": "magic"}}, r"unknown method 'magic'; choose from .*dense, dropout, gradual, lottery"),
-    ({"method": {"name": "lottery", "prune_fraction": 1.5}}, r"method: prune_fraction must be in \(0, 1\), got 1.5"),
-    ({"method": {"name": "lottery", "controls": ["shuffle"]}}, "controls must be a list drawn from"),
+    ({"epochs": 3}, r"^recipe: unknown key\(s\) \['epochs'\]; valid keys: name, description, seeds"),
+    ({"method": {"name": "lottery", "levels": 3}}, r"method: unknown key\(s\) \['levels'\]; "
+                                                   r"valid keys: name, prune_fraction, rewind_step"),
+    ({"method": {"name": "magic"}}, r"method.name: unknown method 'magic'; choose from .*dense, dropout, edgepopup"),
+    ({"method": {"name": "lottery", "prune_fraction": 1.5}}, r"method.prune_fraction: .* less than 1, got 1.5"),
+    ({"method": {"name": "lottery", "controls": ["shuffle"]}},
+     r"method.controls\[0\]: .*'reinit' or 'random', got 'shuffle'"),
     ({"method": {"name": "oneshot", "sparsities": [0.8]}, "sparsity": {"pattern": "2:4"}},
      "method: pattern 2:4 fixes sparsity at 0.5, but sparsity=0.8 was given"),
-    ({"data": {"name": "cifar10"}}, "unknown data 'cifar10'; choose from digits, mnist1d, teacher"),
-    ({"data": {"name": "mnist1d", "samples": 10}}, r"unknown option\(s\) \['samples'\] for data set 'mnist1d'"),
-    ({"train": {"lr": "fast"}}, "train: lr must be a non-negative number, got 'fast'"),
+    ({"data": {"name": "cifar10"}}, "data.name: unknown data set 'cifar10'; choose from digits, mnist1d, teacher"),
+    ({"data": {"name": "mnist1d", "samples": 10}},
+     r"data: unknown key\(s\) \['samples'\]; valid keys: name, num_samples"),
+    ({"data": {"name": "mnist1d", "num_samples": -5}}, r"data.num_samples: .*greater than or equal to 10, got -5"),
+    ({"data": {"name": "teacher", "inputs": "12"}}, "data.inputs: input should be a valid integer, got '12'"),
+    ({"model": {"name": "lenet_300_100", "hidden": "wide"}}, "model.hidden: .*got 'wide'"),
+    ({"train": {"lr": "fast"}}, "train.lr: input should be a valid number, got 'fast'"),
+    ({"train": {"lr": float("nan")}}, "train.lr: input should be a finite number, got nan"),
+    ({"train": {"epochs": True}}, "train.epochs: input should be a valid integer, got True"),
+    ({"train": {"momentum": float("inf")}}, "train.momentum: input should be a finite number, got inf"),
     ({"sparsity": {"sparsity": 1.5}}, r"sparsity: sparsity must be a number in \[0, 1\), got 1.5"),
     ({"sparsity": {"shape": "block"}}, r"sparsity: unknown config key\(s\) \['shape'\]"),
-    ({"seeds": [0, "a"]}, "seeds must be a non-empty list of integers"),
-    ({"model": {"hidden": [3]}}, "model needs a 'name'"),
+    ({"seeds": [0, "a"]}, r"seeds\[1\]: input should be a valid integer, got 'a'"),
+    ({"seeds": [1, 1]}, "seeds: seeds must be distinct"),
+    ({"threads": 1000000}, r"threads: must be an integer in 1..256, got 1000000"),
+    ({"threads": "4"}, "threads: input should be a valid integer, got '4'"),
+    ({"model": {"hidden": [3]}}, "model.name: required; one of conv4, lenet_300_100"),
+    ({"name": "../../x"}, r"name: must be 1-100 letters, digits, '.', '_' or '-', not starting with '.'"),
+    ({"name": "/tmp/x"}, "name: must be"),
+    ({"name": ".hidden"}, "name: must be"),
+    ({"experiment": "edgepopup"}, r"experiment: write method: \{name: edgepopup, ...\} instead"),
+    ({"method": {"name": "dropout", "layers": ["fc2"]}}, r"method: unknown key\(s\) \['layers'\]; valid keys: name, p, "
+                                                         r"block, include"),
 ])
 def test_recipe_errors_name_the_key_and_value(change, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(tiny_recipe(**change))
+
+
+def test_every_recipe_problem_is_reported_at_once():
+    recipe = tiny_recipe(name="../x", threads=0, data={"name": "mnist1d", "num_samples": -5},
+                         train={"lr": float("nan"), "epochs": "3", "optimiser": "sgd"},
+                         method={"name": "lottery", "prune_fraction": True}, sparsity={"sparsity": 2})
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "name", "threads", "method.prune_fraction", "data.num_samples", "train.lr", "train.epochs", "train",
+        "sparsity"]
+    assert str(caught.value).startswith("8 problems:\n  name: ") and "optimiser" in str(caught.value)
+
+
+def test_protocols_declare_the_sections_they_use():
+    slt = {"name": "slt", "method": {"name": "slt_attention", "multipliers": [1, 2]}}
+    recipe = load_recipe(slt)
+    assert recipe.data is recipe.model is recipe.train is recipe.sparsity is None
+    assert set(recipe.to_dict()) == {"name", "description", "seeds", "threads", "method"}
+    assert load_recipe(recipe.to_dict()).to_dict() == recipe.to_dict()
+    with pytest.raises(RecipeError, match="data: method 'slt_attention' uses no data section; remove it"):
+        load_recipe({**slt, "data": {"name": "mnist1d"}})
+    with pytest.raises(RecipeError, match="model: required by method 'lottery'"):
+        load_recipe({k: v for k, v in tiny_recipe().items() if k != "model"})
+    with pytest.raises(RecipeError, match="sparsity: method 'dropout' uses no sparsity section"):
+        load_recipe(tiny_recipe(method={"name": "dropout"}))
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
+           "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nname: *c\n"
+    with pytest.raises(RecipeError, match=r"not valid YAML: recipes may not use YAML aliases .* \(line 2, column 8\)$"):
+        load_recipe(bomb)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_name_cannot_write_outside_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(name="../../escaped", seeds=[0])))
+    assert main(["run", str(recipe)]) == 2
+    assert "name: must be" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.parent.parent.iterdir() if p.name == "escaped") == []
+
+
+def test_nan_learning_rate_fails_before_the_run_directory_is_written(tmp_path):
+    with pytest.raises(RecipeError, match="train.lr"):
+        run_recipe(load_recipe(tiny_recipe(train={"lr": float("nan")})), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_recipe_file_errors(tmp_path):
@@ -215,11 +298,11 @@ def test_a_run_writes_its_directory_and_a_rerun_only_reprints(tmp_path, capsys):
     for row in results["jobs"]:  # post-ReLU densities measured on test inputs, shown in report.md
         assert set(row["activations"]) == {"relu1", "relu2"} and all(0 < d < 1 for d in row["activations"].values())
     assert "## Activation density" in (out / "report.md").read_text()
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
     capsys.readouterr()
     assert run_recipe(load_recipe(tiny_recipe()), out) == results
     assert "is complete" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME} == stamps
 
 
 def test_a_model_its_options_cannot_build_fails_before_anything_is_written(tmp_path):
@@ -366,3 +449,40 @@ def test_demo_recipe_reproduces_the_lottery_ticket_claims(tmp_path):
     means = lottery_means(results)
     sparse = [level for level, e in tickets.items() if e["remaining"] <= 0.07]
     assert sparse and all(means[("imp", level)] > means[("reinit", level)] + 0.05 for level in sparse)
+
+
+def test_a_protocol_registered_in_one_place_runs_and_reports(tmp_path):
+    from sparsenets.experiments.protocols import ARMS, DENSE, PROTOCOLS, Arm, Job, Outcome, Protocol, register_protocol
+    from sparsenets.experiments.schema import PositiveInt
+
+    class WiderOptions(Protocol.Options):
+        factor: PositiveInt = 2
+
+    @register_protocol("wider_test")
+    class Wider(Protocol):  # the dense network, and one twice as wide
+        Options = WiderOptions
+        arms = (DENSE, Arm("wide_test", "wider network", "wide", "tab:green", sparse=False))
+        sections = ("data", "model", "train")
+
+        def jobs(self, recipe):
+            return [job for seed in recipe.seeds for job in (Job(seed, "dense"), Job(seed, "wide_test", 1))]
+
+        def run(self, job, ctx):
+            model = ctx.new_model(0)
+            if job.arm == "wide_test":
+                hidden = [ctx.recipe.method["factor"] * h for h in ctx.recipe.model["hidden"]]
+                model = build_model("lenet_300_100", ctx.data.input_shape, ctx.data.num_classes, hidden=hidden)
+            return Outcome(model, ctx.train(model, job))
+
+    try:
+        with pytest.raises(ValueError, match="'wider_test' is registered twice"):
+            register_protocol("wider_test")(Wider)
+        with pytest.raises(RecipeError, match="method.factor: input should be greater than or equal to 1, got 0"):
+            load_recipe(tiny_recipe(method={"name": "wider_test", "factor": 0}, sparsity=None))
+        recipe = {k: v for k, v in tiny_recipe(seeds=[0], method={"name": "wider_test"}).items() if k != "sparsity"}
+        results = run_recipe(load_recipe(recipe), tmp_path / "run")
+        assert [r["arm"] for r in results["jobs"]] == ["dense", "wide_test"]
+        assert "| level | remaining % | dense | wide |" in (tmp_path / "run" / "report.md").read_text()
+    finally:
+        PROTOCOLS.pop("wider_test", None)
+        ARMS.pop("wide_test", None)

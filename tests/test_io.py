@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import pickle
+import resource
+import stat
 import struct
 
 import numpy as np
 import pytest
 import torch
-from helpers import convnet, mlp
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
 import sparsenets as sn
-from sparsenets.io import CheckpointError, decode, encode
+from sparsenets.io import CheckpointError, container, decode, encode
+from sparsenets.io.encoding import pack_bits, unpack_bits
 from sparsenets.layers.csr import CSRLinear
 from sparsenets.masking import masks
+
+from helpers import convnet, mlp
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -132,7 +138,8 @@ def test_transformer_with_pruned_heads_loads_into_a_skeleton(tmp_path, family: s
     with pytest.raises(CheckpointError, match="pass load\\(path, model="):
         sn.load(path)
     loaded = sn.load(path, model=build)
-    out = (lambda m: m(**ids)[0])
+    def out(m):
+        return m(**ids)[0]
     _assert_close(out(loaded), out(compressed))
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in compressed.parameters())
 
@@ -249,6 +256,31 @@ def _header_length(path) -> int:
     return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
+def _open_file(path) -> tuple[dict, bytes]:
+    """The safetensors table (dtypes, shapes, offsets, metadata) and the payload after it."""
+    data = path.read_bytes()
+    n = _header_length(path)
+    return json.loads(data[8: 8 + n]), data[8 + n:]
+
+
+def _rewrite(path, table: dict, payload: bytes, resign: bool) -> None:
+    """Write the file back; ``resign`` recomputes the digest, as a forger would."""
+    if resign:
+        table["__metadata__"]["file_sha256"] = container.digest(table, [payload])
+    text = json.dumps(table).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + payload)
+
+
+def _edit_header(path, edit, resign: bool = False) -> None:
+    """Apply ``edit`` to the sparsenets header inside the file."""
+    table, payload = _open_file(path)
+    header = json.loads(table["__metadata__"]["sparsenets"])
+    edit(header)
+    table["__metadata__"]["sparsenets"] = json.dumps(header)
+    _rewrite(path, table, payload, resign)
+
+
 def test_truncated_file(saved) -> None:
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) - 100])
@@ -271,19 +303,141 @@ def test_bad_header_length(saved) -> None:
         sn.load(saved)
 
 
+def _model_with_norm() -> nn.Module:
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    sn.sparsify_(model, {"sparsity": 0.5})
+    return model.eval()
+
+
+def _change_class(header: dict) -> None:
+    header["architecture"]["layers"]["children"]["2"]["class"] = "torch.nn.Hardtanh"
+
+
+def _change_eps(header: dict) -> None:
+    header["attributes"]["1"]["eps"] = 0.5
+
+
+def _remove_mask(header: dict) -> None:
+    del header["masks"]["0.weight"]
+
+
+@pytest.mark.parametrize("edit", [_change_class, _change_eps, _remove_mask])
+def test_any_header_edit_is_caught(tmp_path, edit) -> None:
+    model = _model_with_norm()
+    path = sn.save(model, tmp_path / "model.safetensors")
+    _edit_header(path, edit)
+    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
+        sn.load(path)
+    _edit_header(path, lambda header: None, resign=True)  # the same file, re-signed: a different model
+    x = torch.randn(3, 8) * 10
+    loaded = sn.load(path).eval()
+    assert not torch.allclose(loaded(x), model(x)) or len(list(masks(loaded))) < len(list(masks(model)))
+
+
+def test_dtype_edit_in_the_tensor_table_is_caught(saved) -> None:
+    """F32 -> I32 keeps every size: only the digest over the table can tell."""
+    table, payload = _open_file(saved)
+    name = next(k for k, v in table.items() if k != "__metadata__" and v["dtype"] == "F32")
+    table[name]["dtype"] = "I32"
+    _rewrite(saved, table, payload, resign=False)
+    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
+        sn.load(saved)
+
+
 def test_tampered_structure(saved) -> None:
-    """A header rewritten with consistent JSON but wrong tensor lengths."""
-    data = saved.read_bytes()
-    n = _header_length(saved)
-    header = json.loads(data[8: 8 + n])
-    meta = json.loads(header["__metadata__"]["sparsenets"])
-    key = next(k for k, v in meta["tensors"].items() if v["encoding"] != "dense")
-    meta["tensors"][key]["shape"][0] += 1
-    header["__metadata__"]["sparsenets"] = json.dumps(meta)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    saved.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
-    with pytest.raises(CheckpointError, match="model.safetensors: damaged structure"):
+    """A consistent, re-signed header whose tensor lengths don't match the stored parts."""
+    def grow(header: dict) -> None:
+        key = next(k for k, v in header["tensors"].items() if v["encoding"] != "dense")
+        header["tensors"][key]["shape"][0] += 1
+        header["tensors"][key]["encoding"] = "bitmask"
+
+    _edit_header(saved, grow, resign=True)
+    with pytest.raises(CheckpointError, match="model.safetensors: .*(damaged structure|has shape)"):
+        sn.load(saved)
+
+
+def _set_descriptor(field: str, value):
+    def edit(header: dict) -> None:
+        header["tensors"]["0.weight"][field] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_descriptor("shape", [-32, 20]), "shape"),
+    (_set_descriptor("shape", "32x20"), "shape"),
+    (_set_descriptor("shape", [True, 20]), "shape"),
+    (_set_descriptor("dtype", "load"), "unknown dtype 'load'"),
+    (_set_descriptor("dtype", "float99"), "unknown dtype"),
+    (_set_descriptor("encoding", "zip"), "unknown encoding 'zip'"),
+    (_set_descriptor("encoding", "blocks:0x4"), "unknown encoding"),
+    (lambda header: header["tensors"].__setitem__("0.weight", "dense"), "descriptor"),
+    (lambda header: header.__setitem__("tensors", []), "damaged header: .tensors. must be an object"),
+])
+def test_hostile_header_is_a_checkpoint_error(saved, edit, message) -> None:
+    _edit_header(saved, edit, resign=True)
+    with pytest.raises(CheckpointError, match=f"model.safetensors: .*{message}"):
+        sn.load(saved)
+
+
+@pytest.mark.parametrize("entry, value", [("dtype", "X99"), ("shape", [-1]), ("shape", [2**62, 2**62]),
+                                          ("data_offsets", [0, 2**40]), ("data_offsets", [8, 4])])
+def test_hostile_tensor_table_is_a_checkpoint_error(saved, entry, value) -> None:
+    table, payload = _open_file(saved)
+    name = next(k for k in table if k != "__metadata__")
+    table[name][entry] = value
+    _rewrite(saved, table, payload, resign=True)
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        sn.load(saved)
+
+
+@contextlib.contextmanager
+def _address_space_limit(extra: int):
+    """Let the process map at most ``extra`` more bytes: a large allocation then fails."""
+    with open("/proc/self/statm") as statm:
+        mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _claim_wide_weight(header: dict) -> None:
+    header["tensors"]["0.weight"]["shape"] = [4, 10**9]
+
+
+def _claim_wide_layer(header: dict) -> None:
+    _claim_wide_weight(header)
+    header["architecture"]["layers"]["children"]["0"]["init"]["in_features"] = 10**9
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_AS") or not os.path.exists("/proc/self/statm"),
+                    reason="needs Linux address-space limits")
+@pytest.mark.parametrize("edit, message", [
+    (_claim_wide_weight, r"'0.weight' has shape \(4, 1000\) in the model but shape \(4, 1000000000\) in the file"),
+    (_claim_wide_layer, r"describes a model of 16.00 GB in a file of"),
+])
+def test_small_file_claiming_a_huge_tensor_fails_before_allocating(tmp_path, edit, message) -> None:
+    """A re-signed header claiming 16 GB from a file of a few hundred bytes: the claim is checked
+    against the model (and the model against the file size) before anything that size exists."""
+    weight = torch.zeros(4, 1000)
+    weight[0, 999] = 1.0
+    model = nn.Sequential(nn.Linear(1000, 4, bias=False))
+    model[0].weight.data = weight
+    path = sn.save(model, tmp_path / "small.safetensors")
+    assert json.loads(_open_file(path)[0]["__metadata__"]["sparsenets"])["tensors"]["0.weight"]["encoding"] == "csr"
+    _edit_header(path, edit, resign=True)
+    assert path.stat().st_size < 2000
+    with _address_space_limit(512 << 20), pytest.raises(CheckpointError, match=f"small.safetensors: .*{message}"):
+        sn.load(path)
+
+
+def test_older_format_is_named(saved) -> None:
+    table, payload = _open_file(saved)
+    table["__metadata__"]["sha256"] = table["__metadata__"].pop("file_sha256")
+    _rewrite(saved, table, payload, resign=False)
+    with pytest.raises(CheckpointError, match="model.safetensors: written by sparsenets 0.1"):
         sn.load(saved)
 
 
@@ -296,15 +450,49 @@ def test_not_a_sparsenets_file(tmp_path) -> None:
         sn.load(tmp_path / "missing.safetensors")
 
 
+def test_file_is_plain_safetensors(saved) -> None:
+    """Other safetensors readers still open the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(saved), framework="pt") as handle:
+        assert "sparsenets" in handle.metadata() and len(list(handle.keys())) > 0
+
+
 def test_failed_save_leaves_nothing(tmp_path) -> None:
     with pytest.raises(ValueError, match="JSON"):
         sn.save(_sparse_mlp(), tmp_path / "m.safetensors", metadata={"bad": object()})
     assert list(tmp_path.iterdir()) == []
 
 
-def test_packbits_matches_numpy_order() -> None:
-    from sparsenets.io import _pack, _unpack
+def test_saved_file_gets_the_umask_permissions(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        path = sn.save(_sparse_mlp(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~0o022
 
+
+def test_packbits_matches_numpy_order() -> None:
     mask = torch.tensor([True, False, False, True, True, False, True, False, True])
-    assert _pack(mask).tolist() == np.packbits(mask.numpy()).tolist()
-    assert torch.equal(_unpack(_pack(mask), mask.numel()), mask)
+    assert pack_bits(mask).tolist() == np.packbits(mask.numpy()).tolist()
+    assert torch.equal(unpack_bits(pack_bits(mask), mask.numel()), mask)
+
+
+# ---- dtypes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_half_precision_comes_back_in_half_precision(tmp_path, dtype, compressed: bool) -> None:
+    model = _sparse_mlp("unstructured", 0.8).to(dtype)
+    if compressed:
+        model = sn.compress(model, autotune=False)
+    path = sn.save(model, tmp_path / "half.safetensors")
+    for loaded in (sn.load(path), sn.load(path, model=mlp())):  # the saved dtype wins over the model's
+        want = sn.finalize_(copy.deepcopy(model)).state_dict()
+        got = sn.finalize_(copy.deepcopy(loaded)).state_dict()
+        assert want.keys() == got.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            assert torch.equal(got[key], want[key]), key

@@ -245,7 +245,7 @@ torch.testing.assert_close(cpu.linear(x, values, layout), x @ scatter_blocks(val
 
 
 def test_racing_builds_leave_one_library(tmp_path, monkeypatch):
-    """Several first uses at once: each compiles to a temporary file and renames it into place."""
+    """Several first uses at once: one builds (under the folder's lock), the others reuse it."""
     from concurrent.futures import ThreadPoolExecutor
 
     source = tmp_path / "tiny.c"
@@ -259,7 +259,8 @@ def test_racing_builds_leave_one_library(tmp_path, monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         paths = list(pool.map(lambda _: build.build(), range(4)))
     assert len(set(paths)) == 1
-    assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir()] == [paths[0].name]
+    built = sorted(p.name for p in (tmp_path / "cache" / "kernels").iterdir() if p.name != ".lock")
+    assert built == [paths[0].name, paths[0].name + build.DIGEST_SUFFIX]  # no temporaries left behind
     import ctypes
     assert ctypes.CDLL(str(paths[0])).bsp_answer() == 42
 
@@ -273,8 +274,8 @@ def test_concurrent_first_builds_in_two_processes(tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary files left behind
+    built = sorted(p.name for p in (tmp_path / "kernels").iterdir() if p.name != ".lock")
+    assert len(built) == 2 and built[0].endswith(".so") and built[1] == built[0] + build.DIGEST_SUFFIX
 
 
 def test_autocast_computes_in_the_autocast_dtype():
@@ -299,10 +300,15 @@ def test_bench_command_writes_rows(tmp_path, capsys):
     from sparsenets.cli import main
 
     out = tmp_path / "bench.json"
-    code = main(["bench", "--shapes", "64x96", "--sparsities", "0.5", "--batches", "3", "--block", "16x16",
-                 "--repeats", "2", "--warmup", "0", "--impls", "dense", "sparsenets", "torch-bsr",
-                 "--modes", "forward", "forward+backward", "--json", str(out)])
+    umask = os.umask(0o027)
+    try:
+        code = main(["bench", "--shapes", "64x96", "--sparsities", "0.5", "--batches", "3", "--block", "16x16",
+                     "--repeats", "2", "--warmup", "0", "--impls", "dense", "sparsenets", "torch-bsr",
+                     "--modes", "forward", "forward+backward", "--json", str(out)])
+    finally:
+        os.umask(umask)
     assert code == 0
+    assert out.stat().st_mode & 0o777 == 0o640  # the user's usual permissions, not a temporary's 0600
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["forward", "forward+backward"]
     forward, backward = rows
@@ -324,3 +330,12 @@ def test_bench_command_rejects_bad_values(capsys):
         with pytest.raises(SystemExit):
             main(["bench", *args])
         assert message in capsys.readouterr().err
+
+
+def test_bench_help(capsys):
+    from sparsenets.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0
+    assert "usage: sparsenets bench" in capsys.readouterr().out

@@ -10,11 +10,19 @@ from torch import nn
 import sparsenets as sn
 from sparsenets.masking import get_mask, masks
 from sparsenets.methods import (
-    GradualMagnitudePruning, LotteryTicket, OneShot, config_at, cubic_sparsity, layer_sparsities, level_configs,
-    level_sparsities, random_prune, reinitialize, snapshot,
+    GradualMagnitudePruning,
+    LotteryTicket,
+    OneShot,
+    config_at,
+    cubic_sparsity,
+    layer_sparsities,
+    level_configs,
+    level_sparsities,
+    random_prune,
+    reinitialize,
+    snapshot,
 )
 from sparsenets.patterns import NM
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,7 +117,7 @@ def test_imp_levels_prune_a_fifth_of_what_remains():
     for level in range(1, 5):
         ticket.next_level()
         expected = 0.8 ** level
-        for _, module, name, mask in masks(model):
+        for _, _, name, mask in masks(model):
             kept = int(mask.mask.sum())
             assert abs(kept - expected * mask.mask.numel()) <= 1, (level, name)
         train_steps(model, 5, ticket)
@@ -143,7 +151,7 @@ def test_rewinding_restores_the_weights_of_step_k_at_kept_positions():
             assert not getattr(module, name)[~mask.mask].any()
         train_steps(model, 10, start=3)
         # masked weights stay exactly zero while training
-        for module_name, module, name, mask in masks(model):
+        for _, module, name, mask in masks(model):
             assert not getattr(module, name)[~mask.mask].any()
     assert not torch.equal(weights(model)["0.weight"], trained["0.weight"])
 
@@ -280,3 +288,61 @@ def test_methods_keep_the_users_optimizer_working():
     kept = get_mask(model[0], "weight").mask
     assert not torch.equal(before[kept], after[kept])
     assert torch.equal(after[~kept], before[~kept])  # zero gradient where masked
+
+
+# ---- one constructor shape for every method ------------------------------------------------------
+
+def _nm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+METHODS = [  # (class, config, options): every method as the public API exports it
+    (sn.OneShot, {"sparsity": 0.5}, {"at_step": 3}),
+    (sn.GradualMagnitudePruning, {"sparsity": 0.5}, {"start": 0, "end": 4, "frequency": 2}),
+    (sn.LotteryTicket, {"sparsity": 0.5}, {"prune_fraction": 0.2, "rewind_step": 0}),
+    (sn.StaticSparse, {"sparsity": 0.5}, {}),
+    (sn.SET, {"sparsity": 0.5}, {"update_every": 2}),
+    (sn.RigL, {"sparsity": 0.5}, {"update_every": 2}),
+    (sn.BlockReweighted, {"sparsity": 0.5, "pattern": "block:4x1"}, {"strength": 1e-3}),
+    (sn.SRSTE, {"pattern": "2:4"}, {"decay": 1e-3}),
+    (sn.ProgressiveNM, {"pattern": "2:4"}, {"total_steps": 10}),
+    (sn.EdgePopup, {"sparsity": 0.5}, {"init": "kaiming_normal"}),
+]
+
+
+@pytest.mark.parametrize("method, config, options", METHODS, ids=lambda v: getattr(v, "__name__", ""))
+def test_every_method_takes_model_config_data_loss_fn(method, config, options):
+    data = [(torch.randn(4, 16), torch.randint(0, 8, (4,)))]
+    loss_fn = F.cross_entropy
+    built = method(_nm_model(), config, data, loss_fn, **options)
+    assert built.data is data and built.loss_fn is loss_fn
+    assert built.config == sn.SparsityConfig(**config)
+    by_keyword = method(_nm_model(), config=sn.SparsityConfig(**config), data=data, loss_fn=loss_fn, **options)
+    assert by_keyword.config == built.config
+
+
+@pytest.mark.parametrize("method, config, options", [m for m in METHODS if m[2]], ids=lambda v: getattr(v, "__name__", ""))
+def test_options_are_keyword_only_so_a_stray_positional_is_loud(method, config, options):
+    with pytest.raises(TypeError):
+        method(_nm_model(), config, None, None, *options.values())
+
+
+def test_the_public_api_exports_every_method_and_error():
+    for name in ("OneShot", "GradualMagnitudePruning", "LotteryTicket", "StaticSparse", "SET", "RigL",
+                 "BlockReweighted", "SRSTE", "ProgressiveNM", "EdgePopup", "edge_popup_", "lottery_jackpot_",
+                 "sparse_drop_", "activation_density", "SparsenetsError", "ConfigError", "PatternError",
+                 "CheckpointError", "RunDirError", "RecipeError"):
+        assert name in sn.__all__ and getattr(sn, name) is not None, name
+    assert not hasattr(sn.activations, "activation_sparsity")  # renamed: it returns a density
+    assert issubclass(sn.PatternError, ValueError)
+
+
+def test_bad_method_options_are_config_errors():
+    with pytest.raises(sn.ConfigError, match="at_step"):
+        sn.OneShot(_nm_model(), {"sparsity": 0.5}, at_step=-1)
+    with pytest.raises(sn.PatternError, match="block:4x4"):
+        sn.SRSTE(_nm_model(), {"pattern": "block:4x4"})
+    with pytest.raises(sn.PatternError, match="channel"):
+        sn.RigL(_nm_model(), {"pattern": "channel"})
+

@@ -12,8 +12,9 @@ import copy
 import json
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -124,8 +125,8 @@ def _ids() -> torch.Tensor:
 
 
 FAMILIES: dict[str, Family] = {
-    "mlp": Family(_mlp, lambda: torch.randn(4, 12), _tuples(lambda: torch.randn(4, 12), lambda x: torch.randint(0, 6, (4,))),
-                  (nn.Linear,)),
+    "mlp": Family(_mlp, lambda: torch.randn(4, 12),
+                  _tuples(lambda: torch.randn(4, 12), lambda x: torch.randint(0, 6, (4,))), (nn.Linear,)),
     "conv1d": Family(_conv1d, lambda: torch.randn(4, 3, 10),
                      _tuples(lambda: torch.randn(4, 3, 10), lambda x: torch.randint(0, 5, (4,))),
                      (nn.Conv1d, nn.Linear), positions={"0": 10, "3": 8},
@@ -741,7 +742,10 @@ def test_report_counts_masks_and_flops(family, pattern):
                 assert rows_data[key].sparse_flops == 2 * nonzeros * uses, key
             checked += 1
     assert checked >= 3
-    assert plain.nonzeros == sum(r.nonzeros for r in plain.rows)
+    assert plain.nonzeros == sum(r.nonzeros for r in plain.rows if r.tied_to is None)  # a tied weight counts once
+    if family == "gpt2":  # lm_head is the token embedding
+        assert rows["lm_head"].tied_to == "transformer.wte"
+        assert plain.numel == sum(r.numel for r in plain.rows) - rows["lm_head"].numel
     assert plain.density == pytest.approx(plain.nonzeros / plain.numel)
     assert 0 < plain.sparsity < 1
     for rep in (plain, with_data):

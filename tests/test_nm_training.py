@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsenets import report
-from sparsenets.models import build_model
 from sparsenets.masking import get_mask, masks
 from sparsenets.methods import SRSTE, ProgressiveNM
+from sparsenets.models import build_model
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import torch
 import yaml
 
 from sparsenets.cli import main
-from sparsenets.utils import atomic
 from sparsenets.experiments import load_recipe, run_recipe
 from sparsenets.experiments import protocols as protocols_module
+from sparsenets.utils import atomic
 
 RECIPE = {
     "name": "resume", "seeds": [0],
@@ -37,7 +38,8 @@ def reference(tmp_path_factory):
 def same_files(a, b) -> None:
     for name in ("results.json", "metrics.jsonl", "recipe.yaml"):
         assert (a / name).read_text() == (b / name).read_text(), name
-    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == sorted(p.name for p in (b / "checkpoints").iterdir())
+    names = [sorted(p.name for p in (run / "checkpoints").iterdir()) for run in (a, b)]
+    assert names[0] == names[1]
 
 
 def no_partial_files(run) -> None:
@@ -121,3 +123,51 @@ def test_killed_while_writing_a_checkpoint_leaves_no_partial_file(reference, tmp
     run_recipe(load_recipe(RECIPE), out)
     same_files(reference, out)
     assert not stale.exists()
+
+
+# ---- results.json and metrics.jsonl are rebuilt from the checkpoints on every rerun ---------------------------
+
+
+def resume_command(tmp_path, out) -> list[str]:
+    recipe = tmp_path / "resume.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    return ["run", str(recipe), "--out", str(out)]
+
+
+def test_killed_after_the_last_checkpoint_is_complete_on_rerun_without_training(reference, tmp_path, monkeypatch,
+                                                                                 capsys):
+    out = shutil.copytree(reference, tmp_path / "run")
+    results = json.loads((out / "results.json").read_text())  # as the write before the last job left it
+    results["jobs"], results["complete"] = results["jobs"][:-1], False
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "report.md").unlink()
+    shutil.rmtree(out / "plots")
+
+    def no_training(self, job, ctx):
+        raise AssertionError(f"{job.key} trained again")
+
+    monkeypatch.setattr(protocols_module.LotteryProtocol, "run", no_training)
+    assert main(resume_command(tmp_path, out)) == 0
+    assert "is complete (results rebuilt from its checkpoints)" in " ".join(capsys.readouterr().out.split())
+    same_files(reference, out)
+    assert "incomplete" not in (out / "report.md").read_text()
+
+
+def test_edited_results_are_replaced_by_the_checkpoints_numbers(reference, tmp_path, capsys):
+    out = shutil.copytree(reference, tmp_path / "run")
+    true_report = (out / "report.md").read_text().replace(str(reference), str(out))  # it names its directory
+
+    def edit_results():
+        results = json.loads((out / "results.json").read_text())
+        for entry in results["summary"]:
+            entry["accuracy_mean"] = 9.99  # printed as 999.0
+        (out / "results.json").write_text(json.dumps(results))
+
+    for command in (resume_command(tmp_path, out), ["report", str(out)]):
+        edit_results()
+        capsys.readouterr()
+        assert main(command) == 0
+        printed = capsys.readouterr().out
+        assert "999.0" not in printed and "IMP" in printed, command[0]
+        same_files(reference, out)
+        assert (out / "report.md").read_text() == true_report

@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsenets as sn
 from sparsenets.allocation import layer_sparsities
-from sparsenets.config import CRITERIA
+from sparsenets.criteria import CRITERIA
 from sparsenets.targets import find_units, to_gemm
 
 from helpers import batches, convnet, mask_of, mlp
@@ -27,7 +27,7 @@ COMBOS = [(p, a) for p in PATTERNS for a in ("uniform", "global", "erk") if p !=
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("criterion", list(CRITERIA))
 @pytest.mark.parametrize("pattern,allocation", COMBOS)
 def test_achieved_sparsity_within_one_group(kind, pattern, criterion, allocation):
     model = mlp() if kind == "mlp" else convnet()
@@ -108,7 +108,7 @@ def test_nm_groups_hold_exactly_n_nonzeros(n, extra, groups, rows, criterion):
 def test_channel_masks_cover_whole_rows_and_bias(rows, cols, sparsity):
     model = _linear(rows, cols)
     sn.sparsify_(model, {"pattern": "channel", "sparsity": sparsity})
-    weight, bias = model[0].weight.detach(), model[0].bias.detach()
+    bias = model[0].bias.detach()
     mask = mask_of(model, "0.weight")
     assert (mask.all(1) | ~mask.any(1)).all()
     assert (bias[~mask.all(1)] == 0).all()
@@ -222,3 +222,125 @@ def test_a_bare_layer_is_a_model_too():
     sn.sparsify_(layer, {"sparsity": 0.75, "pattern": "block:4x4"})
     assert (layer.weight == 0).float().mean().item() == 0.75
     assert [r.name for r in sn.report(layer).rows] == ["(model)"]
+
+
+# ---- iterative pruning with a coarser pattern ------------------------------------------------------
+
+@pytest.mark.parametrize("pattern, label", [("block:4x4", "mixed"), ("channel", "mixed"), ("2:4", "2:4")])
+def test_a_coarser_second_pass_never_brings_a_weight_back(pattern, label):
+    model = mlp()
+    sn.sparsify_(model, {"sparsity": 0.5, "criterion": "random"})
+    before = {n: mask_of(model, f"{n}.weight").clone() for n in ("0", "2", "4")}
+    sn.sparsify_(model, {"sparsity": 0.5, "pattern": pattern})
+    rows = {r.name: r for r in sn.report(model).rows}
+    for n, first in before.items():
+        assert not (mask_of(model, f"{n}.weight") & ~first).any(), n
+        assert rows[n].pattern == label, n
+        assert (model.get_submodule(n).weight[~first] == 0).all()
+
+
+def test_a_coarser_pass_lands_on_its_target_counting_what_is_already_pruned():
+    model = mlp()
+    sn.sparsify_(model, {"sparsity": 0.5, "criterion": "random"})
+    sn.sparsify_(model, {"sparsity": 0.7, "pattern": "block:4x4"})
+    for row in sn.report(model).rows:
+        assert abs((1 - row.density) * row.numel - 0.7 * row.numel) <= 16, row.name
+
+
+def test_a_pass_whose_structure_survives_keeps_its_pattern_name():
+    model = mlp()
+    sn.sparsify_(model, {"sparsity": 0.5, "pattern": "block:4x4"})
+    sn.sparsify_(model, {"sparsity": 0.75, "pattern": "block:2x2"})  # 4x4 blocks are unions of 2x2 blocks
+    assert {r.pattern for r in sn.report(model).rows} == {"block:2x2"}
+    sn.sparsify_(model, {"sparsity": 0.8, "pattern": "channel"})
+    assert {r.pattern for r in sn.report(model).rows} == {"mixed"}
+    sn.sparsify_(model, {"sparsity": 0.9})
+    assert {r.pattern for r in sn.report(model).rows} == {"unstructured"}
+
+
+def test_a_mixed_model_compresses_and_saves(tmp_path):
+    model = mlp()
+    sn.sparsify_(model, {"sparsity": 0.5, "criterion": "random"})
+    sn.sparsify_(model, {"sparsity": 0.6, "pattern": "block:4x4"})
+    x = torch.randn(3, 20)
+    expected = model.eval()(x)
+    sn.save(model, tmp_path / "m.safetensors")
+    assert torch.allclose(sn.load(tmp_path / "m.safetensors", model=mlp()).eval()(x), expected, atol=1e-6)
+    assert torch.allclose(sn.compress(model, example_input=x)(x), expected, atol=1e-5)
+
+
+# ---- config sources, registries, report ----------------------------------------------------------
+
+def test_a_missing_config_file_says_file_not_found(tmp_path):
+    for call in (lambda p: sn.sparsify_(mlp(), p), sn.SparsityConfig.from_yaml):
+        for path in ("nope.yaml", tmp_path / "nope.yml", "nope"):
+            with pytest.raises(sn.ConfigError, match="file not found"):
+                call(path)
+
+
+@pytest.fixture
+def registered():
+    """Undo registrations a test makes in the criterion, allocation and pattern registries."""
+    from sparsenets import allocation, criteria, patterns
+    saved = dict(criteria.CRITERIA), dict(allocation.ALLOCATIONS), list(patterns._REGISTRY)
+    yield
+    criteria.CRITERIA.clear(), criteria.CRITERIA.update(saved[0])
+    allocation.ALLOCATIONS.clear(), allocation.ALLOCATIONS.update(saved[1])
+    patterns._REGISTRY[:] = saved[2]
+
+
+def test_a_registered_criterion_is_a_config_choice_and_is_used(registered):
+    from sparsenets.criteria import criterion
+
+    @criterion("first_columns")
+    def first_columns(model, weights, *_):  # keep the leftmost inputs
+        return {k: -torch.arange(getattr(m, p).shape[1]).float().expand_as(getattr(m, p))
+                for k, (m, p) in weights.items()}
+
+    model = sn.sparsify_(mlp(), {"sparsity": 0.5, "criterion": "first_columns"})
+    assert mask_of(model, "0.weight")[:, :10].all() and not mask_of(model, "0.weight")[:, 10:].any()
+    with pytest.raises(sn.ConfigError, match="first_columns"):
+        sn.SparsityConfig(criterion="nope")
+
+
+def test_a_registered_allocation_is_a_config_choice_and_is_used(registered):
+    from sparsenets.allocation import allocation
+
+    @allocation("last_dense")
+    def last_dense(units, sparsity):
+        return {u.name: 0.0 if u is units[-1] else sparsity for u in units}
+
+    model = sn.sparsify_(mlp(), {"sparsity": 0.5, "allocation": "last_dense"})
+    densities = {r.name: r.density for r in sn.report(model).rows}
+    assert densities == {"0": 0.5, "2": 0.5, "4": 1.0}
+
+
+def test_a_registered_pattern_parses_and_prunes(registered):
+    from dataclasses import dataclass
+
+    from sparsenets.patterns import Pattern, parse_pattern, register_pattern
+
+    @register_pattern
+    @dataclass(frozen=True)
+    class RowPairs(Pattern):
+        syntax = "rowpairs"
+
+        def group_ids(self, rows, cols):
+            return (torch.arange(rows) // 2)[:, None].expand(rows, cols), -(-rows // 2)
+
+    assert parse_pattern("RowPairs") == RowPairs()
+    model = sn.sparsify_(mlp(), {"sparsity": 0.5, "pattern": "rowpairs"})
+    kept_rows = mask_of(model, "0.weight").any(1).view(-1, 2)
+    assert (kept_rows[:, 0] == kept_rows[:, 1]).all() and sn.report(model).rows[0].pattern == "rowpairs"
+    with pytest.raises(sn.PatternError, match="rowpairs"):
+        parse_pattern("nope")
+
+
+def test_report_counts_a_tied_weight_once():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
+    model[2].weight = model[0].weight
+    with pytest.warns(UserWarning):
+        sn.sparsify_(model, {"sparsity": 0.5})
+    report = sn.report(model)
+    assert report.numel == 80 + 64 and report.nonzeros == 80 + 32
+    assert [r.tied_to for r in report.rows] == [None, None, "0"] and "2 (= 0)" in str(report)

@@ -1,4 +1,4 @@
-"""Activation sparsity: how many activations are (near) zero, measured with forward hooks.
+"""Activation density: the fraction of activations that are nonzero, measured with forward hooks.
 
 A zero activation is a skipped multiply in the next layer, so the density of post-ReLU (or
 :class:`~sparsenets.layers.topk.TopK`) outputs bounds what activation-sparse kernels can save.
@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from . import batches as B
+from .errors import ConfigError
 from .layers.topk import TopK
 
-__all__ = ["ACTIVATION_TYPES", "activation_sparsity", "input_density"]
+__all__ = ["ACTIVATION_TYPES", "activation_density", "input_density"]
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Softshrink, nn.Hardshrink, TopK)
@@ -29,9 +30,10 @@ def _is_activation(module: nn.Module) -> bool:
     return isinstance(module, ACTIVATION_TYPES) or type(module).__name__.endswith("Activation")
 
 
-def activation_sparsity(model: nn.Module, data: Iterable, threshold: float = 0.0,
+def activation_density(model: nn.Module, data: Iterable, threshold: float = 0.0,
                         max_batches: int | None = None) -> dict[str, float]:
-    """Fraction of *nonzero* outputs (``|a| > threshold``) of every activation module, by name.
+    """Density (fraction of nonzero outputs, ``|a| > threshold``) of every activation module, by name;
+    the activation sparsity is one minus it.
 
     ``data`` is an iterable of batches (``(x, y)`` tuples, tensors or dicts of keyword inputs);
     all of them are used unless ``max_batches`` is given. The model runs in eval mode without
@@ -50,7 +52,7 @@ def input_density(model: nn.Module, modules: list[tuple[str, nn.Module]], data: 
 def _density(model: nn.Module, modules: list[tuple[str, nn.Module]], data: Iterable, threshold: float,
              max_batches: int | None, of: str) -> dict[str, float]:
     if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+        raise ConfigError(f"threshold must be >= 0, got {threshold!r}")
     counts: dict[str, list[int]] = {}  # name -> [nonzero, total]
 
     def hook(name: str):

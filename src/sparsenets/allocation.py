@@ -1,16 +1,47 @@
 """Allocation: how much sparsity each layer gets.
 
-``uniform`` gives every layer the target; ``erk`` scales densities by the Erdős–Rényi-kernel
-ratio (Evci et al. 2020); ``global`` leaves the split to one score threshold over all layers,
-which selection applies (:func:`sparsenets.sparsify.select`). Layers with a fixed sparsity
+An allocation is one function registered with :func:`allocation`: given the units whose
+sparsity is free and the overall target, it returns each unit's sparsity, or None for units
+that share one score threshold (which selection applies, :func:`sparsenets.sparsify.select`).
+``SparsityConfig`` takes its choices from :data:`ALLOCATIONS`. Layers with a fixed sparsity
 (an override, or an N:M pattern) keep it, and the target applies to the rest.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from .targets import Unit
+
+Split = Callable[[list[Unit], float], dict[str, "float | None"]]
+ALLOCATIONS: dict[str, Split] = {}
+
+
+def allocation(name: str) -> Callable[[Split], Split]:
+    """Register ``split(free_units, sparsity) -> {unit name: sparsity or None}`` under ``name``."""
+    def register(split: Split) -> Split:
+        ALLOCATIONS[name] = split
+        return split
+    return register
+
+
+@allocation("uniform")
+def uniform(units: list[Unit], sparsity: float) -> dict[str, float | None]:
+    """The same sparsity in every layer."""
+    return {u.name: sparsity for u in units}
+
+
+@allocation("global")
+def global_threshold(units: list[Unit], sparsity: float) -> dict[str, float | None]:
+    """One score threshold over all layers: selection decides each layer's share."""
+    return {u.name: None for u in units}
+
+
+@allocation("erk")
+def erk(units: list[Unit], sparsity: float) -> dict[str, float | None]:
+    """Erdős–Rényi-kernel densities (Evci et al. 2020)."""
+    return {n: 1.0 - d for n, d in erk_densities(units, 1.0 - sparsity).items()}
 
 
 def erk_ratio(unit: Unit) -> float:
@@ -39,8 +70,4 @@ def layer_sparsities(units: list[Unit], sparsity: float, allocation: str) -> dic
     """Each unit's target sparsity; ``None`` marks units that share one global threshold."""
     fixed = {u.name: u.sparsity for u in units if u.sparsity is not None}
     free = [u for u in units if u.sparsity is None]
-    if allocation == "global":
-        return {**fixed, **{u.name: None for u in free}}
-    if allocation == "erk" and free:
-        return {**fixed, **{n: 1.0 - d for n, d in erk_densities(free, 1.0 - sparsity).items()}}
-    return {**fixed, **{u.name: sparsity for u in free}}
+    return {**fixed, **(ALLOCATIONS[allocation](free, sparsity) if free else {})}

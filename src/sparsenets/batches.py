@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 LossFn = Callable[[Any, Any], Tensor]
 
 
@@ -29,7 +31,7 @@ def take(data: Iterable | None, limit: int | None) -> list:
         return []
     batches = list(islice(iter(data), limit))
     if not batches:
-        raise ValueError("data gave no batches")
+        raise ConfigError("data gave no batches")
     return batches
 
 
@@ -65,7 +67,7 @@ def loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
     output = run(model, batch)
     if isinstance(batch, (list, tuple)):
         if len(batch) < 2:
-            raise ValueError("a batch tuple needs (inputs, targets) to compute a loss")
+            raise ConfigError("a batch tuple needs (inputs, targets) to compute a loss")
         target = batch[1]
         if loss_fn is not None:
             return loss_fn(logits(output), target)
@@ -75,6 +77,6 @@ def loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
         return loss_fn(output, batch)
     model_loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     if model_loss is None:
-        raise ValueError("can't compute a loss from this batch: give (inputs, targets) batches, "
+        raise ConfigError("can't compute a loss from this batch: give (inputs, targets) batches, "
                          "a dict the model returns a .loss for, or pass loss_fn")
     return model_loss

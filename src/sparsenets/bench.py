@@ -5,20 +5,16 @@ sparsity. Side by side, in one process and with the same weight, it times: dense
 ``F.linear``; torch's own BSR and CSR tensors (``torch.sparse.mm``); this library's
 :class:`~sparsenets.layers.BlockSparseLinear`; and SparseLab's ``SparseLinear`` when the
 optional ``sparselab`` package is installed (its own random unstructured mask at the same
-sparsity: it has no block format). Implementations run in interleaved rounds so that load
-from other processes hits them alike; each figure is the median over the rounds.
+sparsity: it has no block format). Implementations run in interleaved rounds
+(:mod:`sparsenets.utils.timing`) so that load from other processes hits them alike; each
+figure is the median over the rounds. The command line is in :mod:`sparsenets.cli.bench`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import platform
-import statistics
-import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .utils import timing
 
 IMPLEMENTATIONS = ("dense", "torch-bsr", "torch-csr", "sparsenets", "sparselab")
 MODES = ("forward", "forward+backward")
@@ -138,26 +136,17 @@ def measure(case: Case, block: tuple[int, int], impls: list[str], repeats: int, 
             notes[name] = built
         else:
             steps[name] = built
-    times: dict[str, list[float]] = {name: [] for name in steps}
     context = torch.enable_grad if backward else torch.inference_mode
-    with context():
-        for round_ in range(warmup + repeats):
-            for name, step in steps.items():
-                # A very slow implementation stops after MIN_ROUNDS once it has used its budget.
-                if len(times[name]) >= MIN_ROUNDS and sum(times[name]) > budget_s * 1e3:
-                    continue
-                start = time.perf_counter()
-                step()
-                elapsed = time.perf_counter() - start
-                if round_ >= warmup:
-                    times[name].append(elapsed * 1e3)
-    ms = {name: statistics.median(t) for name, t in times.items()}
+    with context():  # a very slow implementation stops after MIN_ROUNDS once it has used its budget
+        timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,
+                                     candidate_budget_s=budget_s)
+    ms = timings.median_ms()
     density = mask.float().mean().item()
     speedup = {name: ms["dense"] / t for name, t in ms.items()} if "dense" in ms else {}
     return {
         "shape": list(case.shape), "pattern": f"block:{block[0]}x{block[1]}", "sparsity": case.sparsity,
         "density": density, "batch": case.batch, "mode": case.mode, "threads": torch.get_num_threads(),
-        "ms": ms, "rounds": {name: len(t) for name, t in times.items()}, "speedup": speedup,
+        "ms": ms, "rounds": {name: len(t) for name, t in timings.seconds.items()}, "speedup": speedup,
         "fraction_of_ideal": {name: s * density for name, s in speedup.items()},
         "notes": notes,
     }
@@ -224,130 +213,3 @@ def table(rows: list[dict], impls: list[str]):
         cells.append(f"{fraction:.0%}" if fraction is not None else "-")
         out.add_row(*cells)
     return out
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a crash leaves the old file or none, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-# ---- command line ---------------------------------------------------------------------------------
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        out, inp = (int(v) for v in text.lower().split("x"))
-        if out < 1 or inp < 1:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 2048x2048 (out x in), got {text!r}") from None
-    return out, inp
-
-
-def _block(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    try:
-        r, c = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-        if r < 1 or c < 1:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"block must look like 32x32 or 32, got {text!r}") from None
-    return r, c
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
-_DESCRIPTION = """\
-Time a block-sparse Linear layer against the dense one and other sparse implementations:
-dense F.linear, torch's BSR and CSR tensors (torch.sparse.mm), sparsenets' BlockSparseLinear,
-and SparseLab's SparseLinear when the optional sparselab package is installed (it has no block
-format, so it uses its own random unstructured mask at the same sparsity). All run in one
-process on the same weight, in interleaved rounds; each figure is the median over the rounds."""
-
-_EXAMPLES = """\
-examples:
-  sparsenets bench                                      # the default table, about a minute
-  sparsenets bench --sparsities 0.9 --batches 512 --modes forward --impls dense sparsenets
-  sparsenets bench --shapes 4096x1024 1024x4096 --block 16x16 --threads 1 --json bench.json"""
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench", help="time block-sparse layers against dense and other sparse implementations",
-        description=_DESCRIPTION, epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(2048, 2048)], metavar="OUTxIN",
-                        help="Linear weight shapes, out x in (default: 2048x2048)")
-    parser.add_argument("--sparsities", nargs="+", type=_sparsity, default=[0.5, 0.75, 0.9], metavar="S",
-                        help="fractions of blocks removed (default: 0.5 0.75 0.9)")
-    parser.add_argument("--batches", nargs="+", type=_positive, default=[512, 1], metavar="N",
-                        help="input rows per call (default: 512 1)")
-    parser.add_argument("--block", type=_block, default=(32, 32), metavar="RxC",
-                        help="block shape, rows x columns of the weight (default: 32x32)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="what one timed step runs (default: both)")
-    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
-                        metavar="IMPL", help=f"implementations to compare, from {', '.join(IMPLEMENTATIONS)}; "
-                                             f"dense is always included (default: all)")
-    parser.add_argument("--repeats", type=_positive, default=7, help="timed rounds; the median is reported (default: 7)")
-    parser.add_argument("--warmup", type=_count, default=2, help="untimed rounds first (default: 2)")
-    parser.add_argument("--budget", type=float, default=2.0, metavar="SECONDS",
-                        help=f"time one implementation may spend on one case; slower ones stop after "
-                             f"{MIN_ROUNDS} timed rounds (default: 2)")
-    parser.add_argument("--threads", type=_positive, default=None,
-                        help="CPU threads (default: torch's current setting)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    impls = ["dense"] + [name for name in args.impls if name != "dense"]
-    cases = [Case(shape, sparsity, batch, mode) for shape in args.shapes for batch in args.batches
-             for mode in args.modes for sparsity in args.sparsities]
-    rows = run(cases, args.block, impls, args.repeats, args.warmup, args.budget)
-    console = Console() if Console().is_terminal else Console(width=160)
-    console.print(table(rows, impls))
-    notes = {f"{name}: {note}" for row in rows for name, note in row["notes"].items()}
-    info = machine()
-    load = f", load average {info['load_average'][0]:.2f}" if info["load_average"] else ""
-    console.print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}{load}; "
-                  f"{info['kernels']}")
-    for note in sorted(notes):
-        console.print(f"[dim]n/a: {note}[/dim]")
-    if "sparselab" in impls:
-        console.print("[dim]sparselab: its own random unstructured mask at the same sparsity[/dim]")
-    if args.json:
-        write_json(args.json, {"machine": info, "block": list(args.block), "rows": rows})
-        console.print(f"wrote {args.json}")
-    return 0

@@ -9,13 +9,11 @@ from typing import Any
 
 import yaml
 
+from .allocation import ALLOCATIONS
+from .criteria import CRITERIA
 from .errors import ConfigError
-from .patterns import NM, Head, Pattern, parse_pattern
-from .targets import LAYER_TYPES, _matches
-
-CRITERIA = ("magnitude", "random", "snip", "grasp", "synflow", "taylor", "wanda")
-ALLOCATIONS = ("uniform", "global", "erk")
-
+from .patterns import Pattern, parse_pattern
+from .targets import MODULE_TYPES, name_matches
 
 
 def _check_sparsity(value: Any, where: str) -> float:
@@ -31,10 +29,12 @@ class SparsityConfig:
     Args:
         sparsity: fraction of weights to remove, in [0, 1). Defaults to the pattern's own
             density for N:M (1 - N/M) and to 0.5 otherwise.
-        pattern: ``"unstructured"``, ``"block:RxC"``, ``"N:M"``, ``"channel"``, ``"head"`` or a Pattern.
-        criterion: ``magnitude``, ``random``, ``snip``, ``grasp``, ``synflow``, ``taylor``, ``wanda``.
+        pattern: ``"unstructured"``, ``"block:RxC"``, ``"N:M"``, ``"channel"``, ``"head"`` (any
+            registered pattern, :func:`~sparsenets.patterns.register_pattern`) or a Pattern.
+        criterion: ``magnitude``, ``random``, ``snip``, ``grasp``, ``synflow``, ``taylor``, ``wanda``
+            (any registered criterion, :func:`~sparsenets.criteria.criterion`).
         allocation: ``uniform`` (same sparsity in every layer), ``global`` (one score threshold
-            over all layers) or ``erk`` (Erdős–Rényi-kernel densities).
+            over all layers) or ``erk`` (Erdős–Rényi-kernel densities); any registered allocation.
         include / exclude: globs on module names; a glob also covers a module's children.
         module_types: layer classes to sparsify (default: Linear, Conv1d/2d/3d, HF Conv1D,
             MultiheadAttention, LSTM, GRU, RNN; add ``"Embedding"`` to prune embeddings).
@@ -43,7 +43,7 @@ class SparsityConfig:
             matching glob wins; sparsity 0 keeps a layer dense. Overridden layers are fixed and
             the allocation shares ``sparsity`` among the others.
         rounds: prune iteratively over this many rounds on an exponential schedule (default:
-            100 for synflow, 1 otherwise).
+            the criterion's own, 100 for synflow, 1 otherwise).
         batches: how many batches of ``data`` data-driven criteria use (default: all).
         input_shape: per-sample input shape for synflow when no data is given.
         seed: seeds random scores and everything random in scoring.
@@ -75,12 +75,12 @@ class SparsityConfig:
         if fixed is not None and abs(self.sparsity - (1.0 - fixed)) > 1e-9:
             raise ConfigError(f"pattern {self.pattern} fixes sparsity at {1 - fixed:g}, "
                               f"but sparsity={self.sparsity:g} was given")
-        self.criterion = self._choice("criterion", self.criterion, CRITERIA)
-        self.allocation = self._choice("allocation", self.allocation, ALLOCATIONS)
-        if isinstance(self.pattern, NM) and self.allocation != "uniform":
-            raise ConfigError(f"pattern {self.pattern} fixes every layer's sparsity at "
-                              f"{self.sparsity:g}; allocation {self.allocation!r} does not apply, "
-                              f"use allocation='uniform'")
+        self.criterion = self._choice("criterion", self.criterion, tuple(CRITERIA))
+        self.allocation = self._choice("allocation", self.allocation, tuple(ALLOCATIONS))
+        allowed = self.pattern.allowed_allocations
+        if allowed is not None and self.allocation not in allowed:
+            raise ConfigError(f"pattern {self.pattern} does not take allocation {self.allocation!r}; "
+                              f"use {' or '.join(map(repr, allowed))}")
         for key in ("include", "exclude", "module_types"):
             value = getattr(self, key)
             if isinstance(value, str):
@@ -88,11 +88,11 @@ class SparsityConfig:
         if self.include is not None and not self.include:
             raise ConfigError("include is an empty list; leave it out to include every layer")
         for name in self.module_types or []:
-            if name not in LAYER_TYPES:
-                raise ConfigError(f"module_types: unknown type {name!r}; supported: {', '.join(LAYER_TYPES)}")
+            if name not in MODULE_TYPES:
+                raise ConfigError(f"module_types: unknown type {name!r}; supported: {', '.join(MODULE_TYPES)}")
         self.overrides = {glob: self._override(glob, value) for glob, value in dict(self.overrides).items()}
         if self.rounds is None:
-            self.rounds = 100 if self.criterion == "synflow" else 1
+            self.rounds = CRITERIA[self.criterion].default_rounds
         for key in ("rounds", "batches"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -120,8 +120,10 @@ class SparsityConfig:
                 out["pattern"] = parse_pattern(value["pattern"])
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from None
-            if isinstance(out["pattern"], Head) != isinstance(self.pattern, Head):
-                raise ConfigError(f"{where}: 'head' can only be the config's own pattern")
+            if out["pattern"].scope != self.pattern.scope:
+                raise ConfigError(f"{where}: pattern {out['pattern']} works per {out['pattern'].scope}, "
+                                  f"the config's pattern {self.pattern} per {self.pattern.scope}; an override "
+                                  f"can't mix them")
         pattern = out.get("pattern", self.pattern)
         if "sparsity" in value:
             out["sparsity"] = _check_sparsity(value["sparsity"], f"{where}.sparsity")
@@ -135,7 +137,7 @@ class SparsityConfig:
     # ---- per-layer resolution --------------------------------------------------------------
 
     def _override_for(self, name: str) -> dict[str, Any]:
-        return next((v for glob, v in self.overrides.items() if _matches(name, [glob])), {})
+        return next((v for glob, v in self.overrides.items() if name_matches(name, [glob])), {})
 
     def pattern_for(self, name: str) -> Pattern | None:
         """The pattern a layer gets, or None when an override keeps it dense."""
@@ -165,12 +167,20 @@ class SparsityConfig:
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> SparsityConfig:
-        """From a YAML file path or a YAML string."""
+        """From a YAML file path or a YAML string; a path that doesn't exist is a :class:`ConfigError`."""
         text = str(source)
         if os.path.exists(text):
             with open(text) as handle:
-                text = handle.read()
-        return cls.from_dict(yaml.safe_load(text))
+                return cls.from_dict(yaml.safe_load(handle.read()))
+        if _looks_like_path(source):
+            raise ConfigError(f"config file not found: {text!r}")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config is neither an existing file nor valid YAML: {err}") from None
+        if isinstance(data, str):  # a one-word "YAML document" is a mistyped path far more often
+            raise ConfigError(f"config file not found: {text!r}")
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -179,6 +189,12 @@ class SparsityConfig:
             glob: {k: str(v) if k == "pattern" else v for k, v in o.items()} for glob, o in self.overrides.items()
         }
         return data
+
+
+def _looks_like_path(source: str | os.PathLike) -> bool:
+    if not isinstance(source, str):
+        return True
+    return "\n" not in source and source.strip().lower().endswith((".yaml", ".yml", ".json"))
 
 
 def as_config(config: SparsityConfig | dict | str) -> SparsityConfig:

@@ -1,5 +1,10 @@
 """Criteria: a score per weight element; higher means keep.
 
+A criterion is one function registered with :func:`criterion`; ``SparsityConfig`` takes its
+choices from :data:`CRITERIA`, so adding one touches this file only. The function is called
+as ``score(model, weights, batches, loss_fn, generator, config)`` and returns
+``{qualname: scores}``.
+
 Each criterion scores the weights of a private plain copy of the model (masks baked in),
 so scoring never changes the user's model: not its weights, ``.grad``, BatchNorm
 statistics or RNG state. Scores come back in each weight's own shape, keyed by the
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import batches as B
+from .errors import ConfigError
 from .gemm import is_hf_conv1d, to_gemm
 
 Weights = dict[str, tuple[nn.Module, str]]  # qualname -> (module, param name) in the scored model
@@ -31,6 +37,19 @@ class Criterion:
     score: Callable[..., Scores]  # (model, weights, batches, loss_fn, generator, config) -> Scores
     needs_data: bool = False
     row_wise: bool = False  # compare within each output row (Wanda) when a layer has its own target
+    default_rounds: int = 1  # pruning rounds when the config doesn't say
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def criterion(name: str, *, needs_data: bool = False, row_wise: bool = False,
+              default_rounds: int = 1) -> Callable[[Callable[..., Scores]], Callable[..., Scores]]:
+    """Register a score function under ``name`` (what a config's ``criterion`` says)."""
+    def register(score: Callable[..., Scores]) -> Callable[..., Scores]:
+        CRITERIA[name] = Criterion(name, score, needs_data, row_wise, default_rounds)
+        return score
+    return register
 
 
 def _tensor(weights: Weights, key: str) -> Tensor:
@@ -38,10 +57,12 @@ def _tensor(weights: Weights, key: str) -> Tensor:
     return getattr(module, param)
 
 
+@criterion("magnitude")
 def magnitude(model, weights: Weights, *_: Any) -> Scores:
     return {k: _tensor(weights, k).detach().abs() for k in weights}
 
 
+@criterion("random")
 def random(model, weights: Weights, batches, loss_fn, generator: torch.Generator, *_: Any) -> Scores:
     return {k: torch.rand(_tensor(weights, k).shape, generator=generator).to(_tensor(weights, k).device)
             for k in weights}
@@ -57,6 +78,7 @@ def _zeros_for_unused(grads: list[Tensor | None], weights: Weights) -> list[Tens
     return [torch.zeros_like(_tensor(weights, k)) if g is None else g for g, k in zip(grads, weights)]
 
 
+@criterion("snip", needs_data=True)
 def snip(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     """Connection sensitivity |w ⊙ g| (Lee et al. 2019), gradients summed over the batches."""
     total = [torch.zeros_like(_tensor(weights, k)) for k in weights]
@@ -66,6 +88,7 @@ def snip(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     return {k: (_tensor(weights, k).detach() * g).abs() for k, g in zip(weights, total)}
 
 
+@criterion("taylor", needs_data=True)
 def taylor(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     """First-order Taylor importance, |w ⊙ g| accumulated batch by batch."""
     total = {k: torch.zeros_like(_tensor(weights, k)) for k in weights}
@@ -76,6 +99,7 @@ def taylor(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     return total
 
 
+@criterion("grasp", needs_data=True)
 def grasp(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     """GraSP (Wang et al. 2020). The paper removes the largest −w ⊙ Hg, so we keep the largest w ⊙ Hg."""
     g = [torch.zeros_like(_tensor(weights, k)) for k in weights]
@@ -99,7 +123,7 @@ def _synflow_input(batches: list, config) -> Any:
     if config.input_shape is not None:
         return torch.ones(1, *config.input_shape)
     if not batches:
-        raise ValueError("criterion 'synflow' needs the input shape: pass data (one batch is "
+        raise ConfigError("criterion 'synflow' needs the input shape: pass data (one batch is "
                          "enough) or set input_shape in the config")
 
     def ones(x: Any) -> Any:
@@ -113,6 +137,7 @@ def _synflow_input(batches: list, config) -> Any:
     return ones(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
 
+@criterion("synflow", default_rounds=100)
 def synflow(model, weights: Weights, batches, loss_fn, generator, config) -> Scores:
     """SynFlow (Tanaka et al. 2020): data-free synaptic flow |w ⊙ ∂R/∂w| with R = sum f_|θ|(1)."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -196,12 +221,13 @@ def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     return x.reshape(-1, x.shape[-1]).pow(2).sum(0)[None, :]  # Linear, HF Conv1D
 
 
+@criterion("wanda", needs_data=True, row_wise=True)
 def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
     """Wanda (Sun et al. 2024): |W_ij| · ‖X_j‖₂ over calibration inputs (forward passes only)."""
     modules = {id(m): m for m, _ in weights.values()}
     for k, (module, _) in weights.items():
         if isinstance(module, nn.RNNBase):  # their hidden-state inputs never pass through a hook
-            raise ValueError(f"criterion 'wanda' cannot see the inputs of recurrent layer '{k}'; "
+            raise ConfigError(f"criterion 'wanda' cannot see the inputs of recurrent layer '{k}'; "
                              f"use another criterion or exclude the layer")
     sq: dict[int, Tensor] = {}
 
@@ -229,24 +255,13 @@ def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
     for k, (module, param) in weights.items():
         weight = getattr(module, param).detach()
         if id(module) not in sq:
-            raise ValueError(f"criterion 'wanda': layer '{k}' saw no input in the calibration batches")
+            raise ConfigError(f"criterion 'wanda': layer '{k}' saw no input in the calibration batches")
         norms = sq[id(module)].sqrt()
         if param in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            e, start = module.embed_dim, {"q": 0, "k": 1, "v": 2}[param[0]]
+            start = {"q": 0, "k": 1, "v": 2}[param[0]]
             widths = [module.embed_dim, module.kdim, module.vdim]
             offset = sum(widths[:start])
             norms = norms[:, offset: offset + widths[start]]
         gemm = to_gemm(module, weight).abs() * norms
         scores[k] = gemm.t().contiguous() if is_hf_conv1d(module) else gemm.reshape(weight.shape)
     return scores
-
-
-CRITERIA: dict[str, Criterion] = {
-    "magnitude": Criterion("magnitude", magnitude),
-    "random": Criterion("random", random),
-    "snip": Criterion("snip", snip, needs_data=True),
-    "grasp": Criterion("grasp", grasp, needs_data=True),
-    "synflow": Criterion("synflow", synflow),
-    "taylor": Criterion("taylor", taylor, needs_data=True),
-    "wanda": Criterion("wanda", wanda, needs_data=True, row_wise=True),
-}

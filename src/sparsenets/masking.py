@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .errors import SparsenetsError
+
 
 class Mask(nn.Module):
     """The parametrization: multiplies a tensor by a fixed boolean mask."""
@@ -72,7 +74,7 @@ def finalize_(model: nn.Module) -> nn.Module:
     for _, module, name, _ in list(masks(model)):
         others = [p for p in module.parametrizations[name] if not isinstance(p, Mask)]
         if others:
-            raise ValueError(f"{type(module).__name__}.{name} has other parametrizations "
+            raise SparsenetsError(f"{type(module).__name__}.{name} has other parametrizations "
                              f"({[type(p).__name__ for p in others]}); remove them first")
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model

@@ -1,4 +1,9 @@
-"""``report``: per-layer sparsity, nonzeros and FLOPs, as a table or a dict."""
+"""``report``: per-layer sparsity, nonzeros and FLOPs, as a table or a dict.
+
+A weight shared by two layers (GPT-2's ``lm_head`` is the token embedding) is one tensor: both
+rows show it, but totals count its elements once (the second row says ``tied_to`` the first).
+FLOPs count every use.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import batches as B
 from .activations import input_density
-from .masking import get_mask
 from .gemm import is_hf_conv1d
+from .masking import get_mask
 from .targets import is_layer, weight_names
 
 
@@ -27,6 +33,7 @@ class LayerRow:
     dense_flops: int | None  # per sample: 2 multiply-adds per weight use
     sparse_flops: int | None
     input_density: float | None = None  # nonzero fraction of the layer's input activations (needs data)
+    tied_to: str | None = None  # the row that already counts this shared weight in the totals
 
 
 @dataclass
@@ -35,11 +42,11 @@ class Report:
 
     @property
     def numel(self) -> int:
-        return sum(r.numel for r in self.rows)
+        return sum(r.numel for r in self.rows if r.tied_to is None)
 
     @property
     def nonzeros(self) -> int:
-        return sum(r.nonzeros for r in self.rows)
+        return sum(r.nonzeros for r in self.rows if r.tied_to is None)
 
     @property
     def density(self) -> float:
@@ -63,7 +70,7 @@ class Report:
 
     def __str__(self) -> str:
         header = ("layer", "shape", "pattern", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
-        body = [(r.name, "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
+        body = [(_label(r), "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
                  _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
         body.append(("total", "", "", f"{self.density:.3f}", f"{self.nonzeros:,}",
                      _human(self._flops("dense_flops")), _human(self._flops("sparse_flops"))))
@@ -79,6 +86,10 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _label(row: LayerRow) -> str:
+    return row.name if row.tied_to is None else f"{row.name} (= {row.tied_to})"
 
 
 def _human(n: int | None) -> str:
@@ -139,6 +150,7 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
     uses = _uses_per_sample(model, layers, data)
     inputs = {} if data is None else input_density(model, layers, data)
     rows = []
+    first_row: dict[int, str] = {}  # id of the stored tensor -> the row that counts it
     for name, module in layers:
         for param in weight_names(module):
             weight = getattr(module, param).detach()
@@ -146,8 +158,10 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
             nonzeros = int(torch.count_nonzero(weight))
             shape = tuple(weight.t().shape) if is_hf_conv1d(module) else tuple(weight.shape)
             n_uses = uses.get(name)
+            row_name = (name or "(model)") if param == "weight" else f"{name}.{param}".lstrip(".")
+            stored = id(_stored(module, param))
             rows.append(LayerRow(
-                name=(name or "(model)") if param == "weight" else f"{name}.{param}".lstrip("."),
+                name=row_name,
                 shape=shape,
                 pattern=mask.pattern if mask is not None else "dense",
                 density=nonzeros / weight.numel(),
@@ -156,5 +170,14 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
                 dense_flops=None if n_uses is None else int(2 * weight.numel() * n_uses),
                 sparse_flops=None if n_uses is None else int(2 * nonzeros * n_uses),
                 input_density=inputs.get(name),
+                tied_to=first_row.get(stored),
             ))
+            first_row.setdefault(stored, row_name)
     return Report(rows)
+
+
+def _stored(module: nn.Module, param: str) -> torch.Tensor:
+    """The tensor a weight is stored in (under a mask, the parametrization's original)."""
+    if parametrize.is_parametrized(module, param):
+        return module.parametrizations[param].original
+    return getattr(module, param)

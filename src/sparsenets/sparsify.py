@@ -2,25 +2,31 @@
 
 Everything that can fail (config, layer discovery, pattern checks, scoring) runs before the
 first mask is attached, so a bad input leaves the model untouched.
+
+Already pruned elements score −inf, count as pruned towards each target, and every new mask is
+intersected with the one in place, so iterative pruning never brings a weight back.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import batches as B
 from .allocation import layer_sparsities
 from .config import SparsityConfig, as_config
 from .criteria import CRITERIA, Criterion
-from .masking import attach, finalize_, get_mask
-from .patterns import NM, Unstructured
+from .errors import ConfigError, SparsenetsError
 from .gemm import from_gemm, to_gemm
+from .masking import attach, finalize_, get_mask
+from .patterns import MIXED
 from .targets import Unit, find_units
+
+log = logging.getLogger(__name__)
 
 
 def sparsify_(
@@ -34,20 +40,34 @@ def sparsify_(
     ``data`` is an iterable of batches for the criteria that need it (snip, grasp, taylor,
     wanda; synflow takes its input shape from it). ``loss_fn(output, targets)`` defaults to
     cross-entropy for ``(inputs, targets)`` batches and to the model's own ``.loss`` for dicts.
-    Calling it again on a sparsified model keeps what is already pruned pruned (iterative pruning).
+
+    Calling it again on a sparsified model keeps what is already pruned pruned (iterative
+    pruning): each new mask is the new selection intersected with the mask in place. Where that
+    intersection is not the new pattern's own structure (unstructured holes inside kept blocks,
+    channels or heads), the layer's pattern is recorded as ``"mixed"``, which :func:`report`
+    shows and compression treats as unstructured. N:M stays N:M (fewer than N of M still is).
     """
     config = as_config(config)
     criterion = CRITERIA[config.criterion]
     units = find_units(model, config)
     if criterion.needs_data and data is None:
-        raise ValueError(f"criterion {config.criterion!r} needs data: pass an iterable of batches "
-                         f"as sparsify_(model, config, data=...)")
+        raise ConfigError(f"criterion {config.criterion!r} needs data: pass an iterable of batches "
+                          f"as sparsify_(model, config, data=...)")
     batches = B.take(data, config.batches) if data is not None else []
     new_masks = compute_masks(model, units, config, criterion, batches, loss_fn)
     for unit in units:
         for member in unit.members:
-            attach(member.module, member.param, new_masks[member.qualname], str(unit.pattern))
+            new_masks[member.qualname] = _keep_pruned(member.module, member.param, new_masks[member.qualname])
+        label = str(unit.pattern) if unit.conforms(new_masks) else MIXED
+        for member in unit.members:
+            attach(member.module, member.param, new_masks[member.qualname], label)
     return model
+
+
+def _keep_pruned(module: nn.Module, name: str, mask: Tensor) -> Tensor:
+    """``mask`` ∩ the mask already on ``module.<name>`` (if any)."""
+    existing = get_mask(module, name)
+    return mask if existing is None else mask & existing.mask.to(mask.device)
 
 
 def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, criterion: Criterion,
@@ -60,14 +80,18 @@ def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, c
     rounds = range(1, config.rounds + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        for r in tqdm(rounds, desc=f"{config.criterion} rounds", disable=None if config.rounds > 1 else True):
+        for r in rounds:
+            log.debug("%s: round %d of %d", config.criterion, r, config.rounds)
             scores = criterion.score(work, weights, batches, loss_fn, generator, config)
             for name, score in scores.items():
                 if torch.isnan(score).any():
-                    raise ValueError(f"criterion {config.criterion!r} gave NaN scores for '{name}'")
+                    raise SparsenetsError(f"criterion {config.criterion!r} gave NaN scores for '{name}'")
                 if current[name] is not None:
                     score.masked_fill_(~current[name].to(score.device), float("-inf"))
             masks = select(units, scores, config, fraction=r / config.rounds, row_wise=criterion.row_wise)
+            for name in weights:
+                if current[name] is not None:
+                    masks[name] = masks[name] & current[name].to(masks[name].device)
             with torch.no_grad():
                 for name, (module, param) in weights.items():
                     getattr(module, param).mul_(masks[name].to(getattr(module, param).device))
@@ -83,7 +107,8 @@ def _existing_mask(module: nn.Module, name: str) -> Tensor | None:
 def select(units: list[Unit], scores: dict[str, Tensor], config: SparsityConfig,
            fraction: float = 1.0, row_wise: bool = False) -> dict[str, Tensor]:
     """Pick what each unit keeps. ``fraction`` of the way to the target on a density-exponential
-    schedule, so rounds r/R reach density d^(r/R)."""
+    schedule, so rounds r/R reach density d^(r/R). Elements scored −inf are already pruned: they
+    go first and count towards the target."""
     targets = layer_sparsities(units, config.sparsity, config.allocation)
 
     def at_round(sparsity: float) -> float:
@@ -94,13 +119,14 @@ def select(units: list[Unit], scores: dict[str, Tensor], config: SparsityConfig,
     for unit in units:
         if targets[unit.name] is None:
             continue
-        if isinstance(unit.pattern, NM):
-            masks.update(_select_nm(unit, scores))
-        elif row_wise and isinstance(unit.pattern, Unstructured):
+        if unit.pattern.selects_locally:
+            masks.update(_select_local(unit, scores))
+        elif row_wise and unit.pattern.elementwise:
             masks.update(_select_rows(unit, scores, at_round(targets[unit.name])))
         else:
-            target = at_round(targets[unit.name]) * unit.numel
-            masks.update(unit.expand(select_groups(unit.group_scores(scores), unit.group_sizes(), target)))
+            means, live = unit.live_groups(scores)
+            n_prune = float(live.sum()) - (1.0 - at_round(targets[unit.name])) * unit.numel
+            masks.update(unit.expand(select_groups(means, live, n_prune)))
     if pool:
         masks.update(_select_global(pool, scores, at_round(config.sparsity)))
     return masks
@@ -117,7 +143,7 @@ def select_groups(scores: Tensor, sizes: Tensor, n_prune: float) -> Tensor:
     return keep
 
 
-def _select_nm(unit: Unit, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+def _select_local(unit: Unit, scores: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for m in unit.weights:
         gemm = to_gemm(m.module, scores[m.qualname])
@@ -142,13 +168,15 @@ def _select_rows(unit: Unit, scores: dict[str, Tensor], sparsity: float) -> dict
 def _select_global(pool: list[Unit], scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
     """One threshold over every unit's group scores. Each unit's best group is exempt, so no
     layer is emptied (which would cut the network) and the total still lands within one group."""
-    group_scores = []
+    group_scores, sizes = [], []
     for unit in pool:
-        unit_scores = unit.group_scores(scores)
+        unit_scores, live = unit.live_groups(scores)
         unit_scores[torch.argmax(unit_scores)] = float("inf")
         group_scores.append(unit_scores)
-    sizes = [u.group_sizes() for u in pool]
-    keep = select_groups(torch.cat(group_scores), torch.cat(sizes), sparsity * sum(u.numel for u in pool))
+        sizes.append(live)
+    live_total = float(sum(s.sum() for s in sizes))
+    n_prune = live_total - (1.0 - sparsity) * sum(u.numel for u in pool)
+    keep = select_groups(torch.cat(group_scores), torch.cat(sizes), n_prune)
     out = {}
     for unit, part in zip(pool, keep.split([len(s) for s in sizes])):
         out.update(unit.expand(part))

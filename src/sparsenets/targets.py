@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .gemm import from_gemm, is_hf_conv1d, to_gemm
-from .patterns import NM, Head, Pattern
+from .patterns import Pattern
 
 # Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
-LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding", "MultiheadAttention",
-               "LSTM", "GRU", "RNN")
-DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention", "LSTM", "GRU", "RNN")
+MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding", "MultiheadAttention",
+                "LSTM", "GRU", "RNN")
+DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention", "LSTM", "GRU", "RNN")
 
 
 def class_names(module: nn.Module) -> set[str]:
@@ -32,7 +33,7 @@ def class_names(module: nn.Module) -> set[str]:
 _RECURRENT = {"LSTM", "GRU", "RNN"}
 
 
-def is_layer(module: nn.Module, types: tuple[str, ...] | set[str] = LAYER_TYPES) -> bool:
+def is_layer(module: nn.Module, types: tuple[str, ...] | set[str] = MODULE_TYPES) -> bool:
     """Whether ``module`` is one of the layer kinds ``types`` (names common enough that a user's
     own model class may carry them, like ``RNN``, count only on torch's recurrent layers)."""
     names = class_names(module) & set(types)
@@ -61,7 +62,7 @@ class Member:
     module_name: str
     param: str
     module: nn.Module
-    group_ids: Tensor | None  # None for N:M, which selects locally
+    group_ids: Tensor | None  # None for patterns that select locally (N:M)
     is_weight: bool = True  # weights are scored and counted; biases follow their groups
 
     @property
@@ -103,6 +104,30 @@ class Unit:
             total.index_add_(0, m.group_ids.reshape(-1), gemm.reshape(-1))
         return total / self.group_sizes()
 
+    def live_groups(self, scores: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(mean score, element count) of each group over its live elements, those not scored −inf
+        (already pruned). A group with nothing live scores −inf and counts 0."""
+        total = torch.zeros(self.n_groups, dtype=torch.float64)
+        live = torch.zeros(self.n_groups, dtype=torch.float64)
+        for m in self.weights:
+            gemm = to_gemm(m.module, scores[m.qualname]).to(torch.float64).reshape(-1).cpu()
+            alive = gemm != float("-inf")
+            ids = m.group_ids.reshape(-1)
+            total.index_add_(0, ids, torch.where(alive, gemm, 0.0))
+            live.index_add_(0, ids, alive.to(torch.float64))
+        means = torch.where(live > 0, total / live.clamp(min=1), float("-inf"))
+        return means, live
+
+    def conforms(self, masks: dict[str, Tensor]) -> bool:
+        """Whether the weight masks have the unit's pattern's structure (each group all or nothing)."""
+        if self.pattern.selects_locally:
+            return all(self.pattern.conforms(to_gemm(m.module, masks[m.qualname])) for m in self.weights)
+        kept = torch.zeros(self.n_groups, dtype=torch.float64)
+        for m in self.weights:
+            mask = to_gemm(m.module, masks[m.qualname]).reshape(-1).cpu()
+            kept.index_add_(0, m.group_ids.reshape(-1), mask.to(torch.float64))
+        return bool(((kept == 0) | (kept == self.group_sizes())).all())
+
     def expand(self, keep: Tensor) -> dict[str, Tensor]:
         """Turn a per-group keep vector into element masks for every member."""
         masks = {}
@@ -119,7 +144,7 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
         weight = getattr(module, param)
         rows, cols = to_gemm(module, weight).shape
         pattern.check(rows, cols, name)
-        if isinstance(pattern, NM):
+        if pattern.selects_locally:
             ids = None
         else:
             ids, n = pattern.group_ids(rows, cols)
@@ -175,7 +200,7 @@ def _attention_layout(module: nn.Module) -> tuple[int, int, list[tuple[nn.Module
     return None
 
 
-def _head_unit(name: str, module: nn.Module, module_names: dict[nn.Module, str]) -> Unit:
+def _head_unit(name: str, module: nn.Module, module_names: dict[nn.Module, str], pattern: Pattern) -> Unit:
     heads, head_dim, parts = _attention_layout(module)
     members, dims = [], []
     for sub, param, role in parts:
@@ -190,13 +215,13 @@ def _head_unit(name: str, module: nn.Module, module_names: dict[nn.Module, str])
                 ids = (torch.arange(cols) // head_dim)[None, :].expand(rows, cols)
             dims.append((rows, cols))
         members.append(Member(module_names[sub], param, sub, ids, is_weight=role != "bias"))
-    return Unit(name, Head(), members, heads, dims)
+    return Unit(name, pattern, members, heads, dims)
 
 
 # ---- selection from a config -----------------------------------------------------------------
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def name_matches(name: str, patterns: list[str]) -> bool:
     """A glob matches a module name or any of its ancestors ("encoder" covers "encoder.layer.0")."""
     parts = name.split(".")
     prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
@@ -208,23 +233,23 @@ def find_units(model: nn.Module, config) -> list[Unit]:
     named = [(n, m) for n, m in model.named_modules()]
     names = [n for n, _ in named if n]
     for pat in (config.include or []) + list(config.overrides):
-        if not any(_matches(n, [pat]) for n in names):
-            raise ValueError(f"pattern {pat!r} matches no module name; module names look like: "
-                             f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
-    types = set(config.module_types or DEFAULT_LAYER_TYPES)
+        if not any(name_matches(n, [pat]) for n in names):
+            raise ConfigError(f"glob {pat!r} matches no module name; module names look like: "
+                              f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    types = set(config.module_types or DEFAULT_MODULE_TYPES)
 
     def selected(name: str) -> bool:
-        if config.include and not _matches(name, config.include):
+        if config.include and not name_matches(name, config.include):
             return False
-        return not _matches(name, config.exclude)
+        return not name_matches(name, config.exclude)
 
-    if isinstance(config.pattern, Head):
+    if config.pattern.scope == "attention":
         module_names = {m: n for n, m in named}
-        units = [_head_unit(n, m, module_names) for n, m in named
+        units = [_head_unit(n, m, module_names, config.pattern) for n, m in named
                  if _attention_layout(m) is not None and selected(n)]
         if not units:
-            raise ValueError("pattern 'head' found no attention module to prune (supported: "
-                             "nn.MultiheadAttention, BERT- and GPT-2-style attention)")
+            raise ConfigError(f"pattern '{config.pattern}' found no attention module to prune (supported: "
+                              "nn.MultiheadAttention, BERT- and GPT-2-style attention)")
     else:
         units = []
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
@@ -241,11 +266,11 @@ def find_units(model: nn.Module, config) -> list[Unit]:
                 continue
             units.append(_layer_unit(name, module, pattern))
         if not units:
-            raise ValueError(f"no layer to sparsify: nothing of type {sorted(types)} "
-                             f"passes include={config.include} exclude={config.exclude}")
+            raise ConfigError(f"no layer to sparsify: nothing of type {sorted(types)} "
+                              f"passes include={config.include} exclude={config.exclude}")
     if config.keep_first_last_dense:
         if len(units) <= 2:
-            raise ValueError(f"keep_first_last_dense leaves nothing to sparsify: only {len(units)} layer(s) match")
+            raise ConfigError(f"keep_first_last_dense leaves nothing to sparsify: only {len(units)} layer(s) match")
         units = units[1:-1]
     for unit in units:
         unit.sparsity = config.sparsity_for(unit.name, unit.pattern)

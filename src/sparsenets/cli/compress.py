@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import SparsenetsError
 from ..io import load, read_checkpoint, save
+from . import BAD_INPUT, SYSTEM_ERROR
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -49,23 +50,35 @@ def _sample_shape(header: dict, model: torch.nn.Module, given: list[int] | None)
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Input problems (a damaged checkpoint, bad options) exit 2; a missing file or a failed write exit 1."""
     from ..compression import compress
 
     if args.batch < 1:
-        print(f"error: --batch must be >= 1, got {args.batch}", file=sys.stderr)
-        return 2
+        return _error(f"--batch must be >= 1, got {args.batch}", BAD_INPUT)
+    if args.output.is_dir():
+        return _error(f"can't write {args.output}: it is a directory", BAD_INPUT)
     try:
         header, _ = read_checkpoint(args.checkpoint)
         model = load(args.checkpoint)
         example = torch.randn(args.batch, *_sample_shape(header, model, args.input_shape))
         compressed = compress(model, example, autotune=not args.no_autotune, shrink=not args.no_shrink,
-                              cache=args.cache, verbose=True)
-        architecture = header["architecture"]
+                              cache=args.cache)
+    except FileNotFoundError as err:
+        return _error(str(err), SYSTEM_ERROR)
+    except (SparsenetsError, ValueError, RuntimeError) as err:
+        return _error(str(err), BAD_INPUT)
+    print(compressed.compress_report)
+    architecture = header["architecture"]
+    try:
         save(compressed, args.output, architecture=architecture["spec"] if architecture["kind"] == "builtin" else None,
              config=header.get("config"), metadata=header.get("metadata"))
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except OSError as err:
+        return _error(f"can't write {args.output}: {err.strerror or err}", SYSTEM_ERROR)
     before, after = args.checkpoint.stat().st_size, args.output.stat().st_size
     print(f"wrote {args.output} ({after / 1e6:.2f} MB; {args.checkpoint} is {before / 1e6:.2f} MB)")
     return 0
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code

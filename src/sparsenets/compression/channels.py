@@ -20,6 +20,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,12 @@ def _apply(fn: Callable) -> Step:
     return step
 
 
-def _batchnorm(norm: nn.Module) -> Step:
+def _call(fn: Callable, args: tuple, kwargs: dict) -> Step:
+    """``fn(values, *args, **kwargs)``, bound now: steps run after the walk has moved on to other users."""
+    return _apply(lambda values: fn(values, *args, **kwargs))
+
+
+def _batchnorm(norm: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> Step:
     def step(values: Tensor) -> Tensor:
         if norm.running_mean is None:  # normalizes with batch statistics: not a constant map
             return torch.full_like(values, math.nan)
@@ -168,7 +174,9 @@ def feedforward_groups(model: nn.Module) -> Iterator[ChannelGroup]:
     """The hidden neurons of BERT-, GPT-2- and torch-style transformer MLPs."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+        # Hugging Face blocks, recognised by their attributes
+        inter: Any = getattr(module, "intermediate", None)
+        out: Any = getattr(module, "output", None)
         if (isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear)
                 and is_elementwise(getattr(inter, "intermediate_act_fn", None))):
             yield ChannelGroup(f"{prefix}intermediate.dense", inter.dense,
@@ -227,7 +235,7 @@ class _Search:
     norms: list[nn.Module] = field(default_factory=list)
 
     def module(self, node: fx.Node) -> nn.Module:
-        return self.root.get_submodule(node.target)
+        return self.root.get_submodule(cast(str, node.target))  # a call_module node's target: its name
 
     def qualname(self, target: str) -> str:
         return f"{self.prefix}.{target}" if self.prefix else target
@@ -300,8 +308,8 @@ def _is_batch_size(arg: object, node: fx.Node) -> bool:
         return False
     if arg.op == "call_method" and arg.target == "size" and arg.args == (node, 0):
         return True
-    return (arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0
-            and isinstance(arg.args[0], fx.Node) and arg.args[0].args[:1] == (node,))
+    return bool(arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0
+                and isinstance(arg.args[0], fx.Node) and arg.args[0].args[:1] == (node,))
 
 
 def _flattens(user: fx.Node, node: fx.Node, module: nn.Module | None) -> bool:
@@ -313,10 +321,10 @@ def _flattens(user: fx.Node, node: fx.Node, module: nn.Module | None) -> bool:
             user.op == "call_method" and user.target == "flatten"):
         start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
         end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
+        return bool(start == 1 and end == -1)
     if user.op == "call_method" and user.target in ("view", "reshape"):
         sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-        return len(sizes) == 2 and _is_batch_size(sizes[0], node) and sizes[1] == -1
+        return bool(len(sizes) == 2 and _is_batch_size(sizes[0], node) and sizes[1] == -1)
     return False
 
 
@@ -328,14 +336,15 @@ def _follow(node: fx.Node, search: _Search, axes: set[int], shape: tuple[int, ..
             continue
         _only_input(user, node)
         module = search.module(user) if user.op == "call_module" else None
+        target = cast(str, user.target)  # the module's name when module is not None
         stateless = module is not None and (is_elementwise(module) or isinstance(module, (POOLS, nn.Flatten)))
-        if module is not None and not stateless and not search.usable(user.target):
+        if module is not None and not stateless and not search.usable(target):
             raise _Stop  # a layer we would cut is used elsewhere too (one ReLU reused is fine)
         if module is not None and S.is_gemm_layer(module):
             wanted = 1 if isinstance(module, S.CONV_TYPES) else -1
             if wanted not in axes or (wanted == 1 and spread != 1):
                 raise _Stop
-            search.readers.append(Reader(search.qualname(user.target), module, spread, steps))
+            search.readers.append(Reader(search.qualname(target), module, spread, steps))
         elif _flattens(user, node, module):
             if shape is None or 1 not in axes or spread != 1:
                 raise _Stop
@@ -361,9 +370,9 @@ def _follow(node: fx.Node, search: _Search, axes: set[int], shape: tuple[int, ..
             _constant_args(user)
             fn, args, kwargs = user.target, user.args[1:], dict(user.kwargs)
             kwargs.pop("inplace", None)
-            _follow(user, search, axes, shape, spread, steps + (_apply(lambda v: fn(v, *args, **kwargs)),))
+            _follow(user, search, axes, shape, spread, steps + (_call(fn, args, kwargs),))
         elif user.op == "call_method" and user.target in ELEMENTWISE_METHODS and len(user.args) == 1:
             method = user.target.rstrip("_")
-            _follow(user, search, axes, shape, spread, steps + (_apply(lambda v: getattr(v, method)()),))
+            _follow(user, search, axes, shape, spread, steps + (_apply(operator.methodcaller(method)),))
         else:
             raise _Stop

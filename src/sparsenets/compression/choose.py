@@ -1,20 +1,23 @@
 """Choosing each sparse layer's kernel: dense, CSR or block-sparse.
 
-With ``autotune`` every candidate runs on the layer's own input shape (from the example
-input) and the fastest wins; a sparse kernel must beat the dense layer by ``MARGIN`` so
-timing noise never makes a layer slower. Timings are cached in-process and, if asked, in a
-JSON file, keyed by everything that changes them (shape, pattern, density, rows, threads,
-dtype, torch version). Without ``autotune`` a density rule decides (thresholds measured on
-a 2-core x86 CPU, see docs/compress.md).
+A density rule (thresholds measured on a 2-core x86 CPU, see docs/compress.md) gives each
+layer a first choice. With ``autotune`` every candidate then runs on the layer's own input
+shape (from the example input) in interleaved rounds (:mod:`sparsenets.utils.timing`; more
+rounds while the answer is open), and timing overrides the rule only on significant evidence:
+another kernel is chosen when the per-round ratio of its time to the rule's choice has a
+median whose upper confidence bound (:data:`CONFIDENCE`) lies below ``1 - MARGIN``. On a busy
+machine single calls stall for whole scheduler slices and best-of-n or mean times mislead;
+paired ratios and their median do not, and when they cannot decide, the rule stands and the
+record says so. Timings are cached in-process and, if asked, in a JSON file, keyed by
+everything that changes them (shape, pattern, density, rows, threads, dtype, torch version).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
-import tempfile
-import time
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +25,26 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..gemm import block_density, is_hf_conv1d, to_gemm
 from ..layers.csr import CSRLinear
 from ..patterns import Block, PatternError, parse_pattern
-from ..gemm import block_density, is_hf_conv1d, to_gemm
+from ..utils import atomic, cache, timing
 from .surgery import CONV_TYPES
 
-MARGIN = 0.10  # a sparse kernel must be this much faster than dense to be chosen
+MARGIN = 0.10  # another kernel must be this much faster than the rule's choice to replace it
+CONFIDENCE = 0.90  # of the interval for the median time ratio (each bound holds at 95 %)
 CSR_MAX_DENSITY = 0.05  # density rule: CSR below this element density
 BLOCK_MAX_DENSITY = 0.5  # density rule: block kernels below this block density ...
 BLOCK_MIN_SIDE = 8  # ... for blocks at least this wide and tall
 SPARSE_MAX_DENSITY = 0.75  # denser layers are not even timed sparse
-TUNE_SECONDS = 0.2  # timing budget per layer (at least 5 interleaved rounds)
+TUNE_SECONDS = 0.2  # timing budget per layer ...
+MIN_ROUNDS = 5  # ... but at least this many rounds: fewer can never be significant at CONFIDENCE
+EXTENSIONS = 3  # further budgets of timing while the result is inconclusive
+MAX_ROUNDS = 200
+INCONCLUSIVE = "rule (timing inconclusive"
 CACHE_ENV = "SPARSENETS_TUNE_CACHE"
 
-_TIMINGS: dict[str, dict[str, float]] = {}  # in-process cache: key -> {kind: ms}
+_TIMINGS: dict[str, dict[str, list[float]]] = {}  # in-process cache: key -> {kind: seconds per round}
 
 
 @dataclass
@@ -48,8 +57,8 @@ class LayerChoice:
     shape: tuple[int, ...]  # weight shape after removing neurons/channels
     density: float  # fraction of nonzero weights
     kind: str  # "dense", "csr" or "block"
-    times_ms: dict[str, float] = field(default_factory=dict)  # per candidate, when timed
-    how: str = "rule"  # "timed", "cached", "rule" or why the layer stays dense
+    times_ms: dict[str, float] = field(default_factory=dict)  # median per candidate, when timed
+    how: str = "rule"  # "timed", "cached", "rule", "rule (timing inconclusive: ...)" or why it stays dense
 
 
 def _block_of(pattern: str) -> tuple[int, int] | None:
@@ -114,26 +123,48 @@ def _input_for(module: nn.Module, input_shape: tuple[int, ...] | None) -> Tensor
     else:
         width = weight.shape[0] if is_hf_conv1d(module) else weight.shape[1]
         shape = (*input_shape[:-1], width) if input_shape is not None else (1, width)
-    return torch.randn(shape, dtype=weight.dtype, device=weight.device)
+    generator = torch.Generator(device=weight.device).manual_seed(0)  # leaves the global RNG alone
+    return torch.randn(shape, generator=generator, dtype=weight.dtype, device=weight.device)
 
 
-def _time(builds: dict[str, nn.Module], x: Tensor) -> dict[str, float]:
-    """Best-of-n milliseconds per candidate, rounds interleaved so drifting load hits all alike."""
-    best = dict.fromkeys(builds, math.inf)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU calls return before they finish
+def _measure(built: dict[str, nn.Module], x: Tensor, prior: str) -> timing.Timings:
+    """Interleaved rounds of every candidate: one budget, and more while the choice stays open."""
+    calls = {kind: functools.partial(layer, x) for kind, layer in built.items()}
+    found = timing.Timings({kind: [] for kind in calls})
     with torch.no_grad():
-        for module in builds.values():
-            module(x)  # warm-up: first calls build kernels and caches
-        start, rounds = time.perf_counter(), 0
-        while rounds < 5 or (rounds < 200 and time.perf_counter() - start < TUNE_SECONDS):
-            for kind, module in builds.items():
-                sync()
-                t0 = time.perf_counter()
-                module(x)
-                sync()
-                best[kind] = min(best[kind], time.perf_counter() - t0)
-            rounds += 1
-    return {kind: 1e3 * t for kind, t in best.items()}
+        for step in range(1 + EXTENSIONS):
+            rounds = MAX_ROUNDS - len(found.seconds[prior])
+            found.extend(timing.interleaved(calls, rounds=rounds, min_rounds=MIN_ROUNDS, warmup=int(step == 0),
+                                            budget_s=TUNE_SECONDS, sync=timing.cuda_sync(x)))
+            if rounds <= 0 or not decide(found, prior)[1].startswith(INCONCLUSIVE):
+                break
+    return found
+
+
+def decide(timings: timing.Timings, prior: str) -> tuple[str, str]:
+    """The kernel to use and how it was chosen, from paired rounds and the rule's choice ``prior``.
+
+    Another kernel replaces ``prior`` only if the upper bound of its median per-round time ratio
+    to ``prior`` is below ``1 - MARGIN`` (the fastest such one, by median ratio). If every other
+    kernel is shown not to be that much faster, timing confirms the rule; otherwise it was
+    inconclusive and the rule stands.
+    """
+    winners, unsure = {}, []
+    for kind in timings.seconds:
+        if kind == prior:
+            continue
+        ratios = timings.ratios(kind, prior)
+        low, high = timing.median_interval(ratios, CONFIDENCE)
+        middle = statistics.median(ratios) if ratios else float("nan")
+        if high < 1 - MARGIN:
+            winners[kind] = middle
+        elif low < 1 - MARGIN:
+            unsure.append(f"{kind}/{prior} {middle:.2f} [{low:.2f}, {high:.2f}] over {len(ratios)} rounds")
+    if winners:
+        return min(winners, key=lambda kind: winners[kind]), "timed"
+    if unsure:
+        return prior, f"{INCONCLUSIVE}: {'; '.join(unsure)})"
+    return prior, "timed"
 
 
 def _key(module: nn.Module, pattern: str, x: Tensor, density: float) -> str:
@@ -160,6 +191,14 @@ def _runs(layer: nn.Module, x: Tensor | None) -> bool:
 def choose(name: str, module: nn.Module, pattern: str, input_shape: tuple[int, ...] | None,
            autotune: bool) -> tuple[nn.Module, LayerChoice]:
     """The fastest exact replacement of ``module`` (possibly itself) and the record of the choice."""
+    # Sparse layers start from a random init (then overwritten): keep it off the caller's RNG.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        return _choose(name, module, pattern, input_shape, autotune)
+
+
+def _choose(name: str, module: nn.Module, pattern: str, input_shape: tuple[int, ...] | None,
+            autotune: bool) -> tuple[nn.Module, LayerChoice]:
     gemm = to_gemm(module, module.weight.detach())
     density = float((gemm != 0).float().mean())
     builders = candidates(module, pattern)
@@ -177,49 +216,62 @@ def choose(name: str, module: nn.Module, pattern: str, input_shape: tuple[int, .
             layer, record.kind, record.how = module, "dense", f"{record.kind} kernel does not run on this input"
         return layer, record
     key = _key(module, pattern, x, density)
-    times = _TIMINGS.get(key)
+    rounds = _TIMINGS.get(key, {})
     built: dict[str, nn.Module] = {}
-    if times and set(builders) <= set(times):
-        record.how = "cached"
-    else:
-        record.how = "timed"
+    cached = bool(rounds) and set(builders) <= set(rounds)
+    prior = rule(module, pattern, list(builders))
+    if not cached:
         built = {kind: layer for kind, build in builders.items() if _runs(layer := build(), x)}
-        times = _TIMINGS[key] = _time(built, x)
-    record.times_ms = {kind: times[kind] for kind in builders if kind in times}
-    sparse = {k: t for k, t in record.times_ms.items() if k != "dense"}
-    fastest = min(sparse, key=sparse.get) if sparse else "dense"
-    if sparse and sparse[fastest] < (1 - MARGIN) * record.times_ms["dense"]:
-        record.kind = fastest
+        rounds = _TIMINGS[key] = _measure(built, x, prior if prior in built else "dense").seconds
+    timings = timing.Timings({kind: rounds[kind] for kind in builders if kind in rounds})
+    record.times_ms = timings.median_ms()
+    record.kind, record.how = decide(timings, prior if prior in timings.seconds else "dense")
+    if cached and record.how == "timed":
+        record.how = "cached"
     return built[record.kind] if record.kind in built else builders[record.kind](), record
 
 
 # ---- the on-disk cache ---------------------------------------------------------------------------
 
 
-def cache_path(cache: str | os.PathLike | None) -> Path | None:
-    if cache is None:
-        cache = os.environ.get(CACHE_ENV)
-    return Path(cache) if cache else None
+def cache_path(path: str | os.PathLike | bool | None) -> Path | None:
+    """The timings file: ``path``; ``True`` for ``autotune/timings.json`` in the sparsenets cache;
+    None for ``$SPARSENETS_TUNE_CACHE`` (in-process only when unset)."""
+    if path is True:
+        return cache.cache_dir("autotune") / "timings.json"
+    if path is None or path is False:
+        path = os.environ.get(CACHE_ENV) if path is None else None
+    return Path(path) if path else None
+
+
+def _valid(entry) -> bool:
+    """A stored entry in the current format: seconds per round, per kernel (older files held one time)."""
+    return isinstance(entry, dict) and all(
+        isinstance(times, list) and all(isinstance(t, (int, float)) for t in times) for times in entry.values())
+
+
+def _read(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"autotune cache {path} is not readable JSON ({err}); delete it or pass another") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"autotune cache {path} does not hold a JSON object; delete it or pass another")
+    return {key: entry for key, entry in stored.items() if _valid(entry)}
 
 
 def load_cache(path: Path | None) -> None:
     if path is None or not path.exists():
         return
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"autotune cache {path} is not readable JSON ({err}); delete it or pass another") from None
-    for key, times in stored.items():
-        _TIMINGS.setdefault(key, {k: float(v) for k, v in times.items()})
+    for key, rounds in _read(path).items():
+        _TIMINGS.setdefault(key, {kind: [float(t) for t in times] for kind, times in rounds.items()})
 
 
 def save_cache(path: Path | None) -> None:
-    """Merge this process's timings into ``path`` (atomically: a crash leaves the old file)."""
+    """Merge this process's timings into ``path``, written atomically with the user's usual permissions."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    stored.update(_TIMINGS)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(stored, handle, indent=0, sort_keys=True)
-    os.replace(handle.name, path)
+    stored = _read(path) if path.exists() else {}
+    stored.update({key: {kind: [float(f"{t:.6g}") for t in times] for kind, times in rounds.items()}
+                   for key, rounds in _TIMINGS.items()})
+    atomic.write_json(path, stored)

@@ -12,6 +12,8 @@ its heads cannot be removed while keeping the module; they are reported and kept
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,9 @@ def _rows(heads: Tensor, head_dim: int, offset: int = 0) -> Tensor:
     return (offset + heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def _shrink_bert(name: str, attention: nn.Module) -> str | None:
+# The attention modules are Hugging Face's, recognised by their attributes (see _is_bert_attention,
+# _is_gpt2_attention), so they are typed as Any.
+def _shrink_bert(name: str, attention: Any) -> str | None:
     attn, dense = attention.self, attention.output.dense
     heads, head_dim = attn.num_attention_heads, attn.attention_head_size
     unused = ~dense.weight.detach().reshape(dense.out_features, heads, head_dim).any(dim=(0, 2))
@@ -52,7 +56,7 @@ def _shrink_bert(name: str, attention: nn.Module) -> str | None:
     return f"{name}: removed {int(removable.sum())} of {heads} heads"
 
 
-def _shrink_gpt2(name: str, attention: nn.Module) -> str | None:
+def _shrink_gpt2(name: str, attention: Any) -> str | None:
     c_attn, c_proj = attention.c_attn, attention.c_proj
     heads, head_dim, split = attention.num_heads, attention.head_dim, attention.split_size
     unused = ~c_proj.weight.detach().reshape(heads, head_dim, -1).any(dim=(1, 2))

@@ -14,6 +14,7 @@ Three steps on a copy of the model, masks baked in:
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -24,8 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import batches as B
-from ..masking import finalize_, masks
 from ..gemm import is_hf_conv1d
+from ..io.architecture import describe_layer
+from ..masking import finalize_, masks
+from ..record import get_record, set_record
 from . import choose as C
 from .channels import feedforward_groups, graph_groups, shrink_group, traced_regions
 from .choose import LayerChoice
@@ -38,6 +41,7 @@ __all__ = ["CompressReport", "LayerChoice", "compress"]
 # Parents that read their children's weights directly instead of calling them (fast paths).
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 RTOL, ATOL = 1e-4, 1e-5
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +59,8 @@ class CompressReport:
         lines += [f"  {line}" for line in self.removed]
         if self.layers:
             width = max(len(c.name) for c in self.layers)
-            lines.append(f"{'layer':<{width}}  {'pattern':<14} {'shape':<18} {'density':>7}  {'kernel':<6}  timings (ms)")
+            lines.append(f"{'layer':<{width}}  {'pattern':<14} {'shape':<18} {'density':>7}  {'kernel':<6}  "
+                         f"timings (ms)")
             for c in self.layers:
                 times = ", ".join(f"{k} {v:.3f}" for k, v in c.times_ms.items()) or c.how
                 lines.append(f"{c.name:<{width}}  {c.pattern:<14} {str(c.shape):<18} {c.density:>7.3f}  "
@@ -80,7 +85,7 @@ def compress(model: nn.Module, example_input: Any = None, *, autotune: bool = Tr
         shrink: physically remove zero neurons, channels and heads.
         cache: JSON file to keep autotune timings in between runs (default: the
             ``SPARSENETS_TUNE_CACHE`` environment variable, else in-process only).
-        verbose: print the per-layer report.
+        verbose: log the per-layer report (logger ``sparsenets.compression.pipeline``, level INFO).
 
     Returns:
         The compressed model, in eval mode, with ``compress_report`` (a :class:`CompressReport`).
@@ -98,7 +103,7 @@ def compress(model: nn.Module, example_input: Any = None, *, autotune: bool = Tr
     C.save_cache(disk)
     result.compress_report = report
     if verbose:
-        print(report)
+        logger.info("%s", report)
     return result
 
 
@@ -151,14 +156,12 @@ Swap = tuple[str, nn.Module, nn.Module, LayerChoice]  # name, dense layer, spars
 def _choose_kernels(work: nn.Module, patterns: dict[nn.Module, str], shapes: dict, protected: set[int],
                     autotune: bool, report: CompressReport) -> list[Swap]:
     """Pick each masked layer's kernel (recorded in ``report``); returns the layers to swap."""
-    from ..io import describe_layer  # io imports this package's layers; import late
-
     swaps = []
     for name, module in list(work.named_modules()):
         if not (isinstance(module, (nn.Linear, *CONV_TYPES)) or is_hf_conv1d(module)):
             continue
         if module in patterns:
-            module.sparsenets_pattern = patterns[module]  # lets save() pick the block encoding
+            set_record(module, pattern=patterns[module])  # lets save() pick the block encoding
         elif bool(module.weight.detach().all()):
             continue  # neither masked nor holding zeros: nothing to do
         pattern = patterns.get(module, "unstructured")
@@ -170,8 +173,11 @@ def _choose_kernels(work: nn.Module, patterns: dict[nn.Module, str], shapes: dic
         calls = shapes.get(module)
         new, record = C.choose(name, module, pattern, calls.input_shape if calls else None, autotune)
         report.layers.append(record)
+        if record.how.startswith(C.INCONCLUSIVE):
+            report.notes.append(f"{name}: {record.how}")
         if new is not module:
-            new.sparsenets_origin = describe_layer(module)
+            done = get_record(module)  # the sparse layer inherits what was done to the dense one
+            set_record(new, origin=describe_layer(module), pattern=done.pattern, resized=done.resized)
             swaps.append((name, module, new, record))
     return swaps
 

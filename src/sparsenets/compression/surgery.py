@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gemm import is_hf_conv1d
+from ..record import set_record
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -60,7 +61,7 @@ def unused_inputs(module: nn.Module, spread: int = 1) -> Tensor:
 
 
 def _replace(module: nn.Module, name: str, value: Tensor) -> None:
-    module.sparsenets_resized = True  # tells load() that these shapes differ from the dense model's
+    set_record(module, resized=True)  # tells load() that these shapes differ from the dense model's
     old = getattr(module, name)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
@@ -108,7 +109,7 @@ def fold_constant_inputs(module: nn.Module, channels: Tensor, values: Tensor, sp
     contribution = (weight[:, channels] * values.to(weight.dtype)[None, :, None]).sum(dim=(1, 2))
     bias = getattr(module, "bias", None)
     if bias is None:
-        module.sparsenets_resized = True
+        set_record(module, resized=True)
         module.bias = nn.Parameter(contribution, requires_grad=module.weight.requires_grad)
     else:
         _replace(module, "bias", bias.detach() + contribution)

@@ -5,21 +5,25 @@
 - ``digits``: scikit-learn's 8×8 handwritten digits (shipped with scikit-learn).
 - ``teacher``: Gaussian inputs labelled by a fixed random MLP: a student–teacher task whose
   difficulty is set by its sizes.
+
+The factories' annotations (with ``Field`` ranges) are the schema of a recipe's ``data`` section.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from ..utils import atomic
 from ..registry import Registry
+from ..utils import atomic, cache
+from .schema import Fraction, NonNegativeInt, PositiveInt
 
 DATASETS = Registry("data set")
 
@@ -50,8 +54,8 @@ def load_dataset(name: str, **options) -> Dataset:
 
 
 def cache_dir() -> Path:
-    """sparsenets' cache: ``$SPARSENETS_CACHE`` or ``~/.cache/sparsenets``; generated data goes in ``data/``."""
-    return Path(os.environ.get("SPARSENETS_CACHE") or Path.home() / ".cache" / "sparsenets")
+    """sparsenets' cache (:func:`sparsenets.utils.cache.root`); generated data goes in ``data/``."""
+    return cache.root()
 
 
 def _tensors(name: str, x_train, y_train, x_test, y_test, num_classes: int) -> Dataset:
@@ -61,7 +65,8 @@ def _tensors(name: str, x_train, y_train, x_test, y_test, num_classes: int) -> D
 
 
 @DATASETS.register("mnist1d")
-def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -> Dataset:
+def mnist1d(num_samples: Annotated[int, Field(ge=10)] = 5000, train_split: Fraction = 0.8,
+            seed: NonNegativeInt = 42) -> Dataset:
     """MNIST-1D with the package's standard settings (5000 samples, 4000 train / 1000 test)."""
     if not 0.0 < train_split < 1.0:
         raise ValueError(f"mnist1d: train_split must be in (0, 1), got {train_split!r}")
@@ -89,7 +94,7 @@ def _generate_mnist1d(num_samples: int, train_split: float, seed: int) -> dict[s
 
 
 @DATASETS.register("digits")
-def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def digits(test_fraction: Fraction = 0.2, seed: NonNegativeInt = 0) -> Dataset:
     """scikit-learn's 1797 8×8 digits as (N, 8, 8) images, standardised, split by ``seed``."""
     from sklearn.datasets import load_digits
 
@@ -106,8 +111,8 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 @DATASETS.register("teacher")
-def teacher(inputs: int = 20, classes: int = 10, hidden: int = 64, train_samples: int = 4000,
-            test_samples: int = 1000, seed: int = 0) -> Dataset:
+def teacher(inputs: PositiveInt = 20, classes: Annotated[int, Field(ge=2)] = 10, hidden: PositiveInt = 64,
+            train_samples: PositiveInt = 4000, test_samples: PositiveInt = 1000, seed: NonNegativeInt = 0) -> Dataset:
     """Gaussian inputs labelled by the argmax of a random ``inputs → hidden → classes`` MLP."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(train_samples + test_samples, inputs, generator=generator)

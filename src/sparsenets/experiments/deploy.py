@@ -9,9 +9,7 @@ with :func:`sparsenets.save` beside a dense safetensors file of the same weights
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from pathlib import Path
+import functools
 from typing import Any
 
 import torch
@@ -23,9 +21,9 @@ from ..compression import compress
 from ..io import save
 from ..masking import finalize_
 from ..methods import apply_masks, rewind_
-from ..utils import atomic
-from .data import load_dataset
 from ..models import build_model
+from ..utils import atomic, timing
+from .data import load_dataset
 from .rundir import RunDir
 
 BATCH = 1024
@@ -43,16 +41,13 @@ def winning_level(results: dict[str, Any]) -> int | None:
     return best["level"]
 
 
-def _median_ms(model: nn.Module, x: torch.Tensor) -> float:
+def _median_ms(dense: nn.Module, fast: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Median milliseconds of each model on ``x``, in interleaved rounds."""
     with torch.no_grad():
-        for _ in range(5):
-            model(x)
-        times = []
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        timings = timing.interleaved({"dense": functools.partial(dense, x), "fast": functools.partial(fast, x)},
+                                     rounds=REPEATS, warmup=5, sync=timing.cuda_sync(x))
+    ms = timings.median_ms()
+    return ms["dense"], ms["fast"]
 
 
 def compress_winning_ticket(run_dir: RunDir, recipe, results: dict[str, Any], console: Console) -> dict[str, Any] | None:
@@ -70,7 +65,7 @@ def compress_winning_ticket(run_dir: RunDir, recipe, results: dict[str, Any], co
     fast = compress(ticket, example_input=x)
     with torch.no_grad():
         error = (fast(x) - dense(x)).abs().max().item()
-    dense_ms, fast_ms = _median_ms(dense, x), _median_ms(fast, x)
+    dense_ms, fast_ms = _median_ms(dense, fast, x)
     architecture = {"name": recipe.model["name"], "input_shape": list(data.input_shape),
                     "num_classes": data.num_classes, **recipe.options("model")}
     ticket_file = save(fast, run_dir.path / "ticket.safetensors", architecture=architecture,

@@ -2,6 +2,7 @@
 
 Built from ``results.json`` and ``metrics.jsonl`` alone, so ``sparsenets report`` can redraw
 them. Uses matplotlib's object API (no pyplot), so no display or global state is involved.
+Which plots a run gets is its protocol's choice (``Protocol.plots``); these are the defaults.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,32 +18,35 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..utils import atomic
-from .summary import ARMS, LABELS
+from .protocols import Protocol, arm
 
 if TYPE_CHECKING:
-    from .runner import RunDir
+    from .rundir import RunDir
 
-COLORS = {"dense": "black", "imp": "tab:blue", "oneshot": "tab:blue", "gradual": "tab:green",
-          "reinit": "tab:orange", "random": "tab:red",
-          "rigl": "tab:purple", "set": "tab:olive", "static": "tab:gray", "blkrew": "tab:brown",
-          "srste": "tab:pink", "pgf": "tab:cyan", "dropout": "tab:blue", "sparsedrop": "tab:red"}
-MAIN_ARMS = ("imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "pgf", "srste")
+Maker = Callable[[dict[str, Any], list[dict[str, Any]]], Any]  # (results, metrics rows) → Figure or None
 
 
-def write_all(run_dir: RunDir, results: dict[str, Any], only_missing: bool = False) -> list[Path]:
+def accuracy_plots(protocol: Protocol) -> dict[str, Maker]:
+    """The default plots of an accuracy-vs-sparsity protocol, its arms in its order."""
+    arms = [a.name for a in protocol.arms]
+    return {"accuracy_vs_remaining.png": lambda results, history: accuracy_vs_remaining(results, arms),
+            "training_curves.png": lambda results, history: training_curves(results, history, arms),
+            "layer_density.png": lambda results, history: layer_density(results, arms)}
+
+
+def write_all(run_dir: RunDir, results: dict[str, Any], makers: dict[str, Maker],
+              only_missing: bool = False) -> list[Path]:
     """Write every plot that has data; returns their paths."""
     history = _read_metrics(run_dir.metrics_file)
-    makers = {"accuracy_vs_remaining.png": lambda: accuracy_vs_remaining(results),
-              "training_curves.png": lambda: training_curves(results, history),
-              "layer_density.png": lambda: layer_density(results)}
     written = []
     for name, make in makers.items():
         path = run_dir.plots / name
         if not (only_missing and path.exists()):
-            figure = make()
+            figure = make(results, history)
             if figure is None:
                 continue
-            atomic.write_with(path, lambda file: figure.savefig(file, format="png", dpi=120, bbox_inches="tight"))
+            atomic.write_with(path, lambda file, figure=figure: figure.savefig(file, format="png", dpi=120,
+                                                                               bbox_inches="tight"))
         written.append(path)
     return written
 
@@ -66,7 +71,7 @@ def _remaining_axis(axis: Any) -> None:
     axis.set_xlabel("weights remaining")
 
 
-def accuracy_vs_remaining(results: dict[str, Any]) -> Figure | None:
+def accuracy_vs_remaining(results: dict[str, Any], arms: list[str]) -> Figure | None:
     """Mean test accuracy per level with ± std error bars (the seed spread), dense as a band."""
     entries = results["summary"]
     if not entries or all(e["remaining"] == 1.0 for e in entries):  # nothing pruned (e.g. dropout runs)
@@ -76,15 +81,16 @@ def accuracy_vs_remaining(results: dict[str, Any]) -> Figure | None:
     levels = sorted({e["remaining"] for e in entries if e["arm"] != "dense"})
     for e in (e for e in entries if e["arm"] == "dense"):
         mean, std = 100 * e["accuracy_mean"], 100 * e["accuracy_std"]
-        axis.axhline(mean, color=COLORS["dense"], linestyle="--", label=f"{LABELS['dense']} ({mean:.1f}%)")
+        dense = arm("dense")
+        axis.axhline(mean, color=dense.color, linestyle="--", label=f"{dense.label} ({mean:.1f}%)")
         if std > 0 and levels:
-            axis.axhspan(mean - std, mean + std, color=COLORS["dense"], alpha=0.08)
-    for arm in ARMS[1:]:
-        points = sorted((e for e in entries if e["arm"] == arm), key=lambda e: -e["remaining"])
+            axis.axhspan(mean - std, mean + std, color=dense.color, alpha=0.08)
+    for name in (a for a in arms if a != "dense"):
+        points = sorted((e for e in entries if e["arm"] == name), key=lambda e: -e["remaining"])
         if points:
             axis.errorbar([p["remaining"] for p in points], [100 * p["accuracy_mean"] for p in points],
                           yerr=[100 * p["accuracy_std"] for p in points], marker="o", markersize=4, capsize=3,
-                          color=COLORS[arm], label=LABELS[arm])
+                          color=arm(name).color, label=arm(name).label)
     if levels:
         _remaining_axis(axis)
     axis.set_ylabel("test accuracy (%)")
@@ -95,29 +101,29 @@ def accuracy_vs_remaining(results: dict[str, Any]) -> Figure | None:
     return figure
 
 
-def training_curves(results: dict[str, Any], history: list[dict[str, Any]]) -> Figure | None:
+def training_curves(results: dict[str, Any], history: list[dict[str, Any]], order: list[str]) -> Figure | None:
     """Test accuracy against training step, one line per level (mean over seeds), one panel per arm."""
-    arms = [a for a in ARMS if a != "dense" and any(h["arm"] == a for h in history)] or ["dense"]
+    arms = [a for a in order if a != "dense" and any(h["arm"] == a for h in history)] or ["dense"]
     if not history:
         return None
     if all(h["level"] == 0 for h in history):
-        return _arm_curves(history)
+        return _arm_curves(history, order)
     remaining = {(e["arm"], e["level"]): e["remaining"] for e in results["summary"]}
     figure = Figure(figsize=(4.5 * len(arms), 4))
     axes = figure.subplots(1, len(arms), sharey=True, squeeze=False)[0]
-    for axis, arm in zip(axes, arms):
+    for axis, name in zip(axes, arms):
         curves: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for h in history:
-            if h["arm"] in (arm, "dense"):
+            if h["arm"] in (name, "dense"):
                 curves[h["level"]][h["step"]].append(100 * h["test_accuracy"])
         levels = sorted(curves)
         for i, level in enumerate(levels):
             steps = sorted(curves[level])
             color = "black" if level == 0 else _viridis(i / max(len(levels) - 1, 1))
-            share = remaining.get((arm, level), remaining.get(("dense", level), 1.0))
+            share = remaining.get((name, level), remaining.get(("dense", level), 1.0))
             axis.plot(steps, [statistics.fmean(curves[level][s]) for s in steps], color=color, linewidth=1.2,
                       label=f"{100 * share:.1f}%" if level else "dense")
-        axis.set_title(LABELS[arm])
+        axis.set_title(arm(name).label)
         axis.set_xlabel("training step")
         axis.grid(alpha=0.3)
         if len(levels) <= 14:
@@ -126,18 +132,19 @@ def training_curves(results: dict[str, Any], history: list[dict[str, Any]]) -> F
     return figure
 
 
-def _arm_curves(history: list[dict[str, Any]]) -> Figure:
+def _arm_curves(history: list[dict[str, Any]], order: list[str]) -> Figure:
     """One panel, one line per arm: for runs whose arms all train the full network."""
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot()
-    for arm in (a for a in ARMS if any(h["arm"] == a for h in history)):
+    for name in (a for a in order if any(h["arm"] == a for h in history)):
         curve: dict[int, list[float]] = defaultdict(list)
         for h in history:
-            if h["arm"] == arm:
+            if h["arm"] == name:
                 curve[h["step"]].append(100 * h["test_accuracy"])
         steps = sorted(curve)
-        axis.plot(steps, [statistics.fmean(curve[s]) for s in steps], color=COLORS[arm], linewidth=1.2,
-                  label="no dropout" if arm == "dense" and any(h["arm"] == "dropout" for h in history) else LABELS[arm])
+        dropout_run = name == "dense" and any(h["arm"] == "dropout" for h in history)
+        axis.plot(steps, [statistics.fmean(curve[s]) for s in steps], color=arm(name).color, linewidth=1.2,
+                  label="no dropout" if dropout_run else arm(name).label)
     axis.set_xlabel("training step")
     axis.set_ylabel("test accuracy (%), mean over seeds")
     axis.grid(alpha=0.3)
@@ -151,14 +158,14 @@ def _viridis(x: float) -> Any:
     return colormaps["viridis"](0.9 * x)
 
 
-def layer_density(results: dict[str, Any]) -> Figure | None:
-    """Each layer's density against the whole network's, for the pruning arm (mean over seeds)."""
-    arm = next((a for a in MAIN_ARMS if any(r["arm"] == a for r in results["jobs"])), None)
-    if arm is None:
+def layer_density(results: dict[str, Any], order: list[str]) -> Figure | None:
+    """Each layer's density against the whole network's, for the first sparse arm (mean over seeds)."""
+    name = next((a for a in order if arm(a).sparse and any(r["arm"] == a for r in results["jobs"])), None)
+    if name is None:
         return None
     per_level: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in results["jobs"]:
-        if row["arm"] in (arm, "dense"):
+        if row["arm"] in (name, "dense"):
             per_level[row["level"]].append(row)
     levels = sorted(per_level)
     overall = [statistics.fmean(r["remaining"] for r in per_level[level]) for level in levels]
@@ -171,7 +178,7 @@ def layer_density(results: dict[str, Any]) -> Figure | None:
     axis.set_yscale("log")
     _log_percent(axis.yaxis)
     axis.set_ylabel("layer density (weights kept)")
-    axis.set_title(f"{results['name']}: per-layer density, {LABELS[arm]}")
+    axis.set_title(f"{results['name']}: per-layer density, {arm(name).label}")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7, ncol=2)
     return figure

@@ -29,16 +29,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from ..activations import activation_sparsity
+from ..activations import activation_density
 from ..errors import ConfigError
 from ..methods import apply_masks, copy_masks, rewind_, snapshot
+from ..models import build_model
 from ..report import report
 from ..targets import find_units
 from ..utils import atomic
 from . import plots, summary
 from .data import Dataset, load_dataset
-from ..models import build_model
-from .protocols import PROTOCOLS, Job, Outcome
+from .protocols import PROTOCOLS, Job, Outcome, Protocol
 from .recipe import Recipe, RecipeError
 from .rundir import RunDir
 from .trainer import TrainConfig, Trainer, batches, mix_seed
@@ -50,11 +50,15 @@ PROBE_SAMPLES = 1000  # test inputs on which each trained network's activation d
 
 
 class RunContext:
-    """What protocols use to build, restore and train models (see ``protocols.Context``)."""
+    """What protocols use to build, restore and train models (see ``protocols.Context``).
 
-    def __init__(self, recipe: Recipe, data: Dataset, run_dir: RunDir, progress: Progress | None = None) -> None:
+    ``data`` is None for a protocol that uses no data set (its recipe has no data section).
+    """
+
+    def __init__(self, recipe: Recipe, data: Dataset | None, run_dir: RunDir, progress: Progress | None = None) -> None:
         self.recipe, self.data, self.run_dir, self.progress = recipe, data, run_dir, progress
-        self.steps_per_epoch = -(-len(data.y_train) // recipe.train.batch_size)
+        trains = data is not None and recipe.train is not None
+        self.steps_per_epoch = -(-len(data.y_train) // recipe.train.batch_size) if trains else 0
 
     def new_model(self, init_seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -86,20 +90,27 @@ class RunContext:
             if self.progress is not None:
                 self.progress.remove_task(task)
 
-    def check(self) -> None:
-        """Fail before anything is written if the model can't be built or can't take the sparsity config."""
+    def result_row(self, job: Job, outcome: Outcome) -> dict[str, Any]:
+        """The default result of a job: densities, final accuracy and losses, activation densities."""
+        return result_row(job, outcome.model, outcome.history, self.data.x_test[:PROBE_SAMPLES])
+
+    def check(self, protocol: Protocol) -> None:
+        """Fail before anything is written if the model can't be built, can't take the sparsity config,
+        or the protocol's own checks fail."""
+        if self.recipe.model is not None:
+            try:
+                model = self.new_model(0)
+            except ValueError as err:  # options the model's own code refuses (a bad cell, a patch that doesn't fit)
+                raise RecipeError(f"model: {err}") from None
+            if self.recipe.sparsity is not None:
+                try:
+                    find_units(model, self.recipe.sparsity)
+                except (ValueError, ConfigError) as err:
+                    raise RecipeError(f"sparsity: {err}") from None
         try:
-            model = self.new_model(0)
-        except ValueError as err:  # options the model's own code refuses (a bad cell, a patch that doesn't fit)
-            raise RecipeError(f"model: {err}") from None
-        try:
-            find_units(model, self.recipe.sparsity)
-        except (ValueError, ConfigError) as err:
-            raise RecipeError(f"sparsity: {err}") from None
-        total = self.recipe.train.epochs * self.steps_per_epoch
-        rewind = self.recipe.method.get("rewind_step", 0)
-        if rewind >= total:
-            raise RecipeError(f"method.rewind_step {rewind} is not before the end of training ({total} steps)")
+            protocol.check(self)
+        except ConfigError as err:
+            raise RecipeError(str(err)) from None
 
 
 def result_row(job: Job, model: nn.Module, history: list[dict[str, float]], probe: Tensor) -> dict[str, Any]:
@@ -109,36 +120,48 @@ def result_row(job: Job, model: nn.Module, history: list[dict[str, float]], prob
     return {"key": job.key, "seed": job.seed, "arm": job.arm, "level": job.level, "target_sparsity": job.target,
             "remaining": table.density, "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
             "train_loss": final["train_loss"], "layers": {row.name: row.density for row in table.rows},
-            "activations": activation_sparsity(model, [probe])}
+            "activations": activation_density(model, [probe])}
+
+
+def load_data(recipe: Recipe) -> Dataset | None:
+    """The recipe's data set (None when its protocol uses none); options the data code refuses are recipe errors."""
+    if recipe.data is None:
+        return None
+    try:
+        return load_dataset(recipe.data["name"], **recipe.options("data"))
+    except (ValueError, ConfigError) as err:
+        raise RecipeError(f"data: {err}") from None
 
 
 def run_recipe(recipe: Recipe, out: str | Path, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume, or just summarise) ``recipe`` in ``out``; returns results.json's content."""
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
+    run_dir = RunDir(out)
     try:
-        return _run(recipe, RunDir(out), console or Console())
+        return _run(recipe, run_dir, console or Console())
     finally:
+        run_dir.unlock()  # taken by run_dir.start()
         torch.set_num_threads(threads)
 
 
 def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
     run_dir.check_recipe(recipe)
-    data = load_dataset(recipe.data["name"], **recipe.options("data"))
-    context = RunContext(recipe, data, run_dir)
-    context.check()
     protocol = PROTOCOLS[recipe.method["name"]]
+    context = RunContext(recipe, load_data(recipe), run_dir)
+    context.check(protocol)
     jobs = protocol.jobs(recipe)
     run_dir.start(recipe)
     done = run_dir.completed(jobs)
-    if len(done) == len(jobs) and run_dir.results_file.exists():
-        console.print(f"[bold]{run_dir.path}[/] is complete; its summary:")
-        return finish(run_dir, console)
+    rebuilt = run_dir.write_logs(recipe, jobs, done)  # a kill or an edit may have left them stale
+    if len(done) == len(jobs):
+        note = " (results rebuilt from its checkpoints)" if rebuilt else ""
+        console.print(f"[bold]{run_dir.path}[/] is complete{note}; its summary:")
+        return finish(run_dir, console, regenerate=rebuilt)
     resumed = len(done)
     if done:
         console.print(f"resuming {run_dir.path}: {len(done)} of {len(jobs)} networks already trained",
                       soft_wrap=True)
-    run_dir.write_logs(recipe, jobs, done)
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -151,19 +174,17 @@ def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
             job_started = time.perf_counter()
             torch.manual_seed(mix_seed(job.seed, job.key))  # anything random inside training (dropout)
             outcome = protocol.run(job, context)
-            done[job.key] = _save(run_dir, job, outcome, data.x_test[:PROBE_SAMPLES])
+            done[job.key] = _save(run_dir, job, outcome, protocol.result(job, outcome, context))
             run_dir.write_logs(recipe, jobs, done)
             progress.advance(overall)
-            row = done[job.key]["result"]
-            console.print(f"  {job.key:<22} {100 * row['remaining']:6.2f}% of weights   "
-                          f"test accuracy {100 * row['test_accuracy']:5.1f}%   "
+            console.print(f"  {job.key:<22} {protocol.describe(done[job.key]['result'])}   "
                           f"({time.perf_counter() - job_started:.1f} s)", soft_wrap=True)
     console.print(f"trained {len(jobs) - resumed} networks in {time.perf_counter() - started:.0f} s")
     return finish(run_dir, console, regenerate=True)
 
 
-def _save(run_dir: RunDir, job: Job, outcome: Outcome, probe: Tensor) -> dict[str, Any]:
-    record = {"history": outcome.history, "result": result_row(job, outcome.model, outcome.history, probe)}
+def _save(run_dir: RunDir, job: Job, outcome: Outcome, result: dict[str, Any]) -> dict[str, Any]:
+    record = {"history": outcome.history, "result": result}
     atomic.torch_save(run_dir.checkpoint(job.key), {
         "format": CHECKPOINT_FORMAT, "job": dataclasses.asdict(job), "weights": snapshot(outcome.model),
         "masks": copy_masks(outcome.model), "extra": outcome.extra, **record})
@@ -171,12 +192,14 @@ def _save(run_dir: RunDir, job: Job, outcome: Outcome, probe: Tensor) -> dict[st
 
 
 def finish(run_dir: RunDir, console: Console, regenerate: bool = False) -> dict[str, Any]:
-    """Write plots and report.md (when missing, or always with ``regenerate``) and print the summary."""
+    """Write plots and report.md (when missing, or always with ``regenerate``) and print the summary,
+    each as the run's protocol says."""
     results = summary.load_results(run_dir.results_file)
-    plot_files = plots.write_all(run_dir, results, only_missing=not regenerate)
+    protocol = summary.protocol_of(results)
+    plot_files = plots.write_all(run_dir, results, protocol.plots(), only_missing=not regenerate)
     if regenerate or not run_dir.report_file.exists():
-        summary.write_report(run_dir, results, plot_files)
-    summary.print_summary(results, console)
+        summary.write_report(run_dir, results, protocol.report_lines(results), plot_files)
+    protocol.print_summary(results, console)
     console.print(f"plots: {run_dir.plots}/   report: {run_dir.report_file}", soft_wrap=True)
     return results
 

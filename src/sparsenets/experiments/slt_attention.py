@@ -12,13 +12,15 @@ fall roughly exponentially in the hidden size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..methods.edgepopup import edge_popup_
+from ..methods.edgepopup import edge_popup_, finalize_
+from .schema import Fraction, PositiveFloat, PositiveInt, Section
 
 
 class WideAttention(nn.Module):
@@ -58,21 +60,28 @@ def target_output(target: nn.MultiheadAttention, x: Tensor) -> Tensor:
     return target(x, x, x, need_weights=False)[0]
 
 
-@dataclass
-class SLTAttentionConfig:
-    """One sweep: the source hidden size is ``multiplier · dim`` for each multiplier."""
+class SLTAttentionConfig(Section):
+    """One sweep: the source hidden size is ``multiplier · dim`` for each multiplier (strictly checked)."""
 
-    dim: int = 8
-    heads: int = 2
-    tokens: int = 8
-    multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    density: float = 0.5
-    init: str = "kaiming_normal"
-    weight_scale: float = 0.5  # multiplies the source's frozen Kaiming weights (1.0 overshoots the target)
-    steps: int = 3000
-    lr: float = 0.01
-    batch_size: int = 64
-    eval_samples: int = 1024
+    dim: PositiveInt = 8
+    heads: PositiveInt = 2
+    tokens: PositiveInt = 8
+    multipliers: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 16]
+    density: Fraction = 0.5
+    init: Literal["kaiming_normal", "signed_constant"] = "kaiming_normal"
+    weight_scale: PositiveFloat = 0.5  # multiplies the source's frozen Kaiming weights (1.0 overshoots the target)
+    steps: PositiveInt = 3000
+    lr: PositiveFloat = 0.01
+    batch_size: PositiveInt = 64
+    eval_samples: PositiveInt = 1024
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SLTAttentionConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of heads={self.heads}")
+        if len(set(self.multipliers)) != len(self.multipliers):
+            raise ValueError(f"multipliers must be distinct, got {self.multipliers}")
+        return self
 
 
 def approximate(target: nn.MultiheadAttention, multiplier: int, config: SLTAttentionConfig,
@@ -81,6 +90,12 @@ def approximate(target: nn.MultiheadAttention, multiplier: int, config: SLTAtten
 
     Returns the relative MSE ``E‖f_src − f_tgt‖² / E‖f_tgt‖²`` on fresh inputs (1 = predicting zero).
     """
+    return search(target, multiplier, config, seed)[1]
+
+
+def search(target: nn.MultiheadAttention, multiplier: int, config: SLTAttentionConfig,
+           seed: int) -> tuple[WideAttention, dict[str, float]]:
+    """:func:`approximate`, also returning the source with its subnetwork baked in as fixed masks."""
     d, h = config.dim, config.heads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -103,5 +118,6 @@ def approximate(target: nn.MultiheadAttention, multiplier: int, config: SLTAtten
         x = torch.randn(config.eval_samples, config.tokens, d, generator=torch.Generator().manual_seed(10**6 + seed))
         want = target_output(target, x)
         error = (source(x) - want).pow(2).mean() / want.pow(2).mean()
-    return {"hidden": multiplier * d, "multiplier": multiplier, "relative_mse": error.item(),
-            "final_train_mse": loss.item()}
+    stats = {"hidden": multiplier * d, "multiplier": multiplier, "relative_mse": error.item(),
+             "final_train_mse": loss.item()}
+    return finalize_(source, as_masks=True), stats

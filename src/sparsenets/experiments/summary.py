@@ -12,38 +12,47 @@ from rich.console import Console
 from rich.table import Table
 
 from ..utils import atomic
+from .protocols import ARMS, PROTOCOLS, Protocol, arm
 
 if TYPE_CHECKING:
-    from .runner import RunDir
+    from .rundir import RunDir
 
-ARMS = ("dense", "imp", "oneshot", "gradual", "rigl", "set", "static", "blkrew", "srste", "pgf", "dropout", "sparsedrop",
-        "reinit", "random")
-LABELS = {"dense": "dense", "imp": "IMP ticket", "oneshot": "one-shot", "gradual": "gradual",
-          "reinit": "reinit control", "random": "random-prune control",
-          "rigl": "RigL", "set": "SET", "static": "static sparse", "blkrew": "BLK-REW",
-          "srste": "SR-STE", "pgf": "progressive gradient flow", "dropout": "nn.Dropout", "sparsedrop": "SparseDrop"}
-SHORT = {"dense": "dense", "imp": "IMP", "oneshot": "one-shot", "gradual": "gradual", "reinit": "reinit",
-         "random": "random", "rigl": "RigL", "set": "SET",
-         "static": "static", "blkrew": "BLK-REW", "srste": "SR-STE", "pgf": "PGF",
-         "dropout": "Dropout", "sparsedrop": "SparseDrop"}
+
+def protocol_of(results: dict[str, Any]) -> Protocol:
+    """The protocol that wrote ``results`` (the base defaults for an unknown one)."""
+    return PROTOCOLS.get(results.get("method"), Protocol())
+
+
+def _metrics() -> dict[str, str]:
+    """Result key → summary prefix, for every registered protocol's headline metric."""
+    return dict(p.metric for p in PROTOCOLS.values())
+
+
+def _order(name: str) -> int:
+    return list(ARMS).index(name) if name in ARMS else len(ARMS)
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (arm, level): accuracy mean, sample std, min and max over seeds."""
+    """One entry per (arm, level): the headline metric's mean, sample std, min and max over seeds
+    (``accuracy_mean``, ... for accuracy), the mean share of weights remaining."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["arm"], row["level"]), []).append(row)
     out = []
-    for (arm, level), members in sorted(groups.items(), key=lambda item: (item[0][1], ARMS.index(item[0][0]))):
-        accuracy = [m["test_accuracy"] for m in members]
-        out.append({
-            "arm": arm, "level": level, "seeds": len(members), "target_sparsity": members[0]["target_sparsity"],
-            "remaining": statistics.fmean(m["remaining"] for m in members),
-            "accuracy_mean": statistics.fmean(accuracy),
-            "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
-            "accuracy_min": min(accuracy), "accuracy_max": max(accuracy),
-        })
+    for (name, level), members in sorted(groups.items(), key=lambda item: (item[0][1], _order(item[0][0]))):
+        entry = {"arm": name, "level": level, "seeds": len(members), "target_sparsity": members[0]["target_sparsity"],
+                 "remaining": statistics.fmean(m["remaining"] for m in members)}
+        for key, prefix in _metrics().items():
+            if all(key in m for m in members):
+                entry.update(_spread(prefix, [m[key] for m in members]))
+        out.append(entry)
     return out
+
+
+def _spread(prefix: str, values: list[float]) -> dict[str, float]:
+    return {f"{prefix}_mean": statistics.fmean(values),
+            f"{prefix}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            f"{prefix}_min": min(values), f"{prefix}_max": max(values)}
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -53,7 +62,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _cell(entry: dict[str, Any] | None) -> str:
+def cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return ""
     mean = 100 * entry["accuracy_mean"]
@@ -63,41 +72,23 @@ def _cell(entry: dict[str, Any] | None) -> str:
 def pivot(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per level, one accuracy column (percent) per arm."""
     entries = results["summary"]
-    arms = [arm for arm in ARMS if any(e["arm"] == arm for e in entries)]
-    header = ["level", "remaining %", *(SHORT[a] for a in arms)]
+    arms = sorted({e["arm"] for e in entries}, key=_order)
+    header = ["level", "remaining %", *(arm(a).column for a in arms)]
     rows = []
     for level in sorted({e["level"] for e in entries}):
         at_level = {e["arm"]: e for e in entries if e["level"] == level}
-        main = next(at_level[a] for a in ARMS if a in at_level)
-        rows.append([str(level), f"{100 * main['remaining']:.2f}", *(_cell(at_level.get(a)) for a in arms)])
+        main = next(at_level[a] for a in arms if a in at_level)
+        rows.append([str(level), f"{100 * main['remaining']:.2f}", *(cell(at_level.get(a)) for a in arms)])
     return header, rows
 
 
-def findings(results: dict[str, Any]) -> list[str]:
-    """For lottery runs, the two claims of the lottery ticket hypothesis, checked on the means."""
-    entries = results["summary"]
-    by = {(e["arm"], e["level"]): e for e in entries}
-    dense = by.get(("dense", 0))
-    tickets = [e for e in entries if e["arm"] == "imp"]
-    if results.get("method") != "lottery" or dense is None or not tickets:
-        return []
-    lines = []
-    sparse = [e for e in tickets if e["remaining"] <= 0.20]
-    if sparse:
-        matching = [e for e in sparse if e["accuracy_mean"] >= dense["accuracy_mean"]]
-        best = max(sparse, key=lambda e: e["accuracy_mean"])
-        lines.append(f"IMP tickets at <= 20% of the weights: {len(matching)} of {len(sparse)} levels reach the dense "
-                     f"accuracy ({_cell(dense)}%); best {_cell(best)}% at {100 * best['remaining']:.1f}% of the weights.")
-    for ticket in tickets:
-        reinit = by.get(("reinit", ticket["level"]))
-        if ticket["remaining"] <= 0.07 and reinit is not None:
-            gap = 100 * (ticket["accuracy_mean"] - reinit["accuracy_mean"])
-            lines.append(f"At {100 * ticket['remaining']:.1f}% of the weights: IMP {_cell(ticket)}% vs reinit "
-                         f"{_cell(reinit)}%, a gap of {gap:+.1f} points.")
-    return lines
-
-
 def print_summary(results: dict[str, Any], console: Console) -> None:
+    """The run's summary on the terminal, as its protocol prints it."""
+    protocol_of(results).print_summary(results, console)
+
+
+def print_accuracy(results: dict[str, Any], console: Console, protocol: Protocol) -> None:
+    """The default summary: the accuracy pivot table, then the protocol's findings."""
     header, rows = pivot(results)
     seeds = max((e["seeds"] for e in results["summary"]), default=0)
     title = f"{results['name']}: test accuracy (%), mean ± std over {seeds} seed(s)"
@@ -107,7 +98,7 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    for line in findings(results):
+    for line in protocol.findings(results):
         console.print(line)
 
 
@@ -123,30 +114,36 @@ def activation_table(results: dict[str, Any]) -> list[str]:
     lines = ["", "## Activation density", "",
              "Fraction of nonzero outputs of each activation module on 1000 test inputs, mean over seeds.", "",
              "| arm | level | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
-    for (arm, level), members in sorted(groups.items(), key=lambda item: (item[0][1], ARMS.index(item[0][0]))):
+    for (name, level), members in sorted(groups.items(), key=lambda item: (item[0][1], _order(item[0][0]))):
         cells = [f"{statistics.fmean(m.get(n, float('nan')) for m in members):.3f}" for n in names]
-        lines.append(f"| {SHORT[arm]} | {level} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm(name).column} | {level} | " + " | ".join(cells) + " |")
     return lines
 
 
-def write_report(run_dir: RunDir, results: dict[str, Any], plot_files: list[Path]) -> None:
+def accuracy_report(results: dict[str, Any], protocol: Protocol) -> list[str]:
+    """The default report body: accuracy per level and arm, the protocol's findings, activation densities."""
     header, rows = pivot(results)
-    lines = [f"# {results['name']}", ""]
-    recipe_text = run_dir.recipe_file.read_text() if run_dir.recipe_file.exists() else ""
     seeds = max((e["seeds"] for e in results["summary"]), default=0)
     intro = (f"Method `{results['method']}`. Test accuracy (%), mean ± sample standard deviation over "
              f"{seeds} seed(s); *remaining* is the percentage of weights kept in all prunable layers.")
-    if results["method"] == "lottery":
-        intro += (" IMP: lottery tickets; reinit: a ticket's mask on a fresh initialisation; random: a random "
-                  "mask with the ticket's per-layer densities.")
+    if protocol.legend:
+        intro += " " + protocol.legend
     if not results.get("complete"):
         intro += " **The run is incomplete.**"
-    lines += [intro, ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    if found := findings(results):
+    if found := protocol.findings(results):
         lines += ["", "## Findings", "", *(f"- {line}" for line in found)]
-    lines += activation_table(results)
+    return lines + activation_table(results)
+
+
+def write_report(run_dir: RunDir, results: dict[str, Any], body: list[str], plot_files: list[Path]) -> None:
+    """report.md: the title, ``body`` (the protocol's tables and findings), the plots, the recipe."""
+    lines = [f"# {results['name']}", ""]
+    recipe_text = run_dir.recipe_file.read_text() if run_dir.recipe_file.exists() else ""
+    if not results.get("complete") and not any("incomplete" in line for line in body):
+        lines += ["**The run is incomplete.**", ""]
+    lines += body
     if plot_files:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.relative_to(run_dir.path).as_posix()})" for p in plot_files]

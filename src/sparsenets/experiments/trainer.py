@@ -11,17 +11,21 @@ optimizer step (``step`` counts the updates done so far, from 1) and ``on_epoch_
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import create_model
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .data import Dataset
+from .schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Section, check
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
@@ -39,51 +43,55 @@ class TrainConfig:
         warmup_steps: linear warm-up from ~0 to ``lr`` over this many steps, before the schedule.
         batch_size: examples per step; the last, smaller batch of an epoch is kept.
         eval_every: test-set evaluation every this many steps (default: once per epoch).
+
+    Checked on creation by :data:`TrainSchema` (strict types, ranges, no NaN); a bad value
+    raises :class:`~sparsenets.errors.ConfigError` naming every bad key.
     """
 
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 10
-    batch_size: int = 100
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    eval_every: int | None = None
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: PositiveFloat = 1e-3
+    momentum: NonNegativeFloat = 0.9
+    weight_decay: NonNegativeFloat = 0.0
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 100
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    milestones: list[PositiveInt] = field(default_factory=list)
+    gamma: NonNegativeFloat = 0.1
+    eval_every: PositiveInt | None = None
 
     def __post_init__(self) -> None:
-        for key, options in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-            if getattr(self, key) not in options:
-                raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose from {', '.join(options)}")
-        for key in ("lr", "momentum", "weight_decay", "gamma"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
-            setattr(self, key, float(value))
-        for key in ("epochs", "batch_size", "warmup_steps", "eval_every"):
-            value = getattr(self, key)
-            minimum = 0 if key == "warmup_steps" else 1
-            if value is None and key == "eval_every":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-        if not isinstance(self.milestones, (list, tuple)) or not all(
-                isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.milestones):
-            raise ConfigError(f"milestones must be a list of positive epoch numbers, got {self.milestones!r}")
+        checked, problems = check(TrainSchema, {f.name: getattr(self, f.name) for f in fields(self)}, "")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        for key, value in checked.model_dump().items():
+            setattr(self, key, value)
         self.milestones = sorted(self.milestones)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
-        return cls(**data)
+        return cls(**validated(data))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _schema() -> type[Section]:
+    hints = typing.get_type_hints(TrainConfig, include_extras=True)
+    return create_model("train", __base__=Section, **{
+        f.name: (hints[f.name], f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+        for f in fields(TrainConfig)})
+
+
+def validated(data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """A train section's values, checked; raises :class:`ConfigError` listing every problem."""
+    checked, problems = check(TrainSchema, data, where)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return checked.model_dump()
+
+
+TrainSchema = _schema()  # the train section of a recipe, field for field TrainConfig's
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -16,7 +16,6 @@ from torch import Tensor
 from ..gemm import block_keep, n_blocks
 
 
-
 @dataclass(frozen=True)
 class BlockLayout:
     out_features: int

@@ -10,13 +10,14 @@ trainable parameter holding the kept blocks; the block index lives in int64 buff
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import BlockLayout, block_keep, block_sparse_linear, gather_blocks, scatter_blocks
 from ..gemm import n_blocks
+from ..kernels import BlockLayout, block_keep, block_sparse_linear, gather_blocks, scatter_blocks
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear"]
 
@@ -32,6 +33,9 @@ def _block(block: int | tuple[int, int]) -> tuple[int, int]:
 
 class _BlockSparseGemm(nn.Module):
     """A weight of ``out_features × in_features`` (GEMM form) keeping only some blocks."""
+
+    row_ptr: Tensor  # buffers, registered by _set_structure
+    col_idx: Tensor
 
     def __init__(self, in_features: int, out_features: int, block: int | tuple[int, int] = (32, 32),
                  keep: Tensor | None = None, bias: bool = True, device=None, dtype=None) -> None:
@@ -63,7 +67,8 @@ class _BlockSparseGemm(nn.Module):
 
     @property
     def layout(self) -> BlockLayout:
-        b = self._buffers  # direct: nn.Module's attribute lookup costs microseconds per call
+        # direct: nn.Module's attribute lookup costs microseconds per call
+        b = cast("dict[str, Tensor]", self._buffers)
         return BlockLayout(self.out_features, self.in_features, self.block, b["row_ptr"], b["col_idx"],
                            b["row_idx"], b["t_ptr"], b["t_row"], b["t_block"])
 
@@ -130,6 +135,7 @@ def _from_gemm(layer: _BlockSparseGemm, weight: Tensor, mask: Tensor, bias: Tens
     with torch.no_grad():
         layer.values.copy_(gather_blocks(gemm * keep.to(gemm.dtype), layer.layout))
         if bias is not None:
+            assert layer.bias is not None, "the layer is built with a bias when the source has one"
             layer.bias.copy_(bias.detach())
     return layer
 
@@ -225,7 +231,7 @@ class _BlockSparseConv(_BlockSparseGemm):
         return y.squeeze(0) if unbatched else y
 
     def _planar(self, values: tuple[int, ...]) -> tuple[int, int]:
-        return (1, *values) if self.dims == 1 else values
+        return (1, values[0]) if self.dims == 1 else (values[0], values[1])
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

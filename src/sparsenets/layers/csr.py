@@ -24,6 +24,10 @@ with warnings.catch_warnings():
 class CSRLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` (``out × in``) stored as CSR; ``x`` is ``(..., in)``."""
 
+    crow_indices: Tensor  # buffers
+    col_indices: Tensor
+    bias: nn.Parameter | None
+
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -52,7 +56,7 @@ class CSRLinear(nn.Module):
             layer.crow_indices.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
             layer.col_indices.copy_(cols)
             layer.values.copy_(weight.detach()[rows, cols])
-            if bias is not None:
+            if bias is not None and layer.bias is not None:  # the layer has a bias iff bias is given
                 layer.bias.copy_(bias.detach())
         return layer
 

@@ -6,6 +6,9 @@ columns of ``x`` and ``W`` can be left out of the product altogether: one dense 
 kept ``(1 − p)·in`` features, forward and backward. The result equals
 ``(x · mask / (1 − p)) · Wᵀ + b``; the weight columns of dropped blocks get zero gradient.
 In eval mode the layer is a plain ``nn.Linear``.
+
+``p`` is a dropout probability (the expected fraction of feature blocks dropped per step), as
+in ``nn.Dropout``; it is not a weight sparsity.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..targets import _matches
+from ..errors import ConfigError
+from ..targets import name_matches
 
 __all__ = ["SparseDrop", "hidden_linears", "sparse_drop_", "sparse_drop_linear"]
 
@@ -76,9 +80,9 @@ def hidden_linears(model: nn.Module, include: Sequence[str] | None = None) -> li
     """The ``nn.Linear`` layers whose inputs dropout goes on: those matching the ``include`` globs
     (as in :class:`~sparsenets.SparsityConfig`), by default every Linear but the first."""
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n]
-    chosen = linears[1:] if include is None else [(n, m) for n, m in linears if _matches(n, list(include))]
+    chosen = linears[1:] if include is None else [(n, m) for n, m in linears if name_matches(n, list(include))]
     if not chosen:
-        raise ValueError(f"no nn.Linear to put dropout on (include={include!r}; "
+        raise ConfigError(f"no nn.Linear to put dropout on (include={include!r}; "
                          f"linear layers: {[n for n, _ in linears]})")
     return chosen
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
-from ..patterns import NM
+from ..errors import ConfigError
+from ..patterns import Pattern
 from ..report import report
 from ..sparsify import sparsify_
 
@@ -32,8 +33,10 @@ from ..sparsify import sparsify_
 class Method:
     """Base class: no-op hooks, and :meth:`prune` to a given intermediate sparsity.
 
-    ``data``/``loss_fn`` are passed to :func:`sparsify_` for criteria that need data
-    (snip, grasp, taylor, wanda).
+    Every method is built as ``Method(model, config, data=None, loss_fn=None, *, options...)``:
+    ``config`` is a :class:`~sparsenets.SparsityConfig`, a dict of its keys or a YAML path (all
+    three mean the same), and ``data``/``loss_fn`` are passed to :func:`sparsify_` for criteria
+    that need data (snip, grasp, taylor, wanda).
     """
 
     def __init__(self, model: nn.Module, config: SparsityConfig | dict | str,
@@ -77,39 +80,31 @@ class Method:
 def config_at(config: SparsityConfig, sparsity: float) -> SparsityConfig | None:
     """The config for an intermediate target ``sparsity`` on the way to ``config``.
 
-    Overall sparsity becomes ``sparsity``, per-layer ``overrides`` scale in proportion, and an
-    N:M pattern steps through n:M with n nearest the target density (never below N), as
-    N:M cannot take other densities. None when nothing would be pruned yet.
+    Overall sparsity becomes ``sparsity``, per-layer ``overrides`` scale in proportion, and the
+    pattern becomes :meth:`Pattern.at_density` of the target (N:M steps through n:M with n
+    nearest the target density, as N:M takes no other densities). None when nothing would be
+    pruned yet.
     """
     final = config.sparsity
     if not 0.0 <= sparsity <= final + 1e-12:
-        raise ValueError(f"intermediate sparsity {sparsity!r} is outside [0, {final:g}] (the config's target)")
+        raise ConfigError(f"intermediate sparsity {sparsity!r} is outside [0, {final:g}] (the config's target)")
     scale = sparsity / final if final > 0 else 0.0
-    if isinstance(config.pattern, NM):
-        pattern = _nm_at(config.pattern, sparsity)
-        if pattern is None:
-            return None
+    pattern = config.pattern.at_density(1.0 - sparsity)
+    if pattern is None:
+        return None
+    if pattern.fixed_density is not None:
         sparsity = 1.0 - pattern.fixed_density
-    else:
-        pattern = config.pattern
-        if sparsity <= 0.0:
-            return None
     overrides = {glob: _override_at(value, config.pattern, scale) for glob, value in config.overrides.items()}
     return dataclasses.replace(config, sparsity=sparsity, pattern=pattern, overrides=overrides)
 
 
-def _nm_at(pattern: NM, sparsity: float) -> NM | None:
-    n = min(pattern.m, max(pattern.n, round(pattern.m * (1.0 - sparsity))))
-    return None if n == pattern.m else NM(n, pattern.m)
-
-
-def _override_at(override: dict[str, Any], default_pattern: Any, scale: float) -> dict[str, Any]:
+def _override_at(override: dict[str, Any], default_pattern: Pattern, scale: float) -> dict[str, Any]:
     if "sparsity" not in override:  # the allocation decides this layer's share
         return override
     pattern = override.get("pattern", default_pattern)
     target = override["sparsity"] * scale
-    if isinstance(pattern, NM):
-        stepped = _nm_at(pattern, target)
-        # "unstructured" at sparsity 0 is how a config keeps a layer dense (N:M can't be 0)
-        return {"sparsity": 0.0, "pattern": "unstructured"} if stepped is None else {"pattern": stepped}
-    return {**override, "sparsity": target}
+    if pattern.fixed_density is None:
+        return {**override, "sparsity": target}
+    stepped = pattern.at_density(1.0 - target)
+    # "unstructured" at sparsity 0 is how a config keeps a layer dense (a fixed-density pattern can't be 0)
+    return {"sparsity": 0.0, "pattern": "unstructured"} if stepped is None else {"pattern": stepped}

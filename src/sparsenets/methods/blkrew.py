@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..batches import LossFn
 from ..config import SparsityConfig
-from ..patterns import NM
+from ..errors import ConfigError, PatternError
 from ..gemm import from_gemm, to_gemm
 from ..targets import Member, find_units
 from .base import Method
@@ -51,23 +51,25 @@ class BlockReweighted(Method):
     gradients; it needs :meth:`on_train_begin` to have seen the optimizer (for the learning rate).
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, strength: float = 1e-4,
-                 refresh_every: int = 100, eps: float = 1e-3, prune_at: int | None = None,
-                 decoupled: bool = False, data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, strength: float = 1e-4, refresh_every: int = 100,
+                 eps: float = 1e-3, prune_at: int | None = None, decoupled: bool = False) -> None:
         super().__init__(model, config, data, loss_fn)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
-            raise ValueError(f"strength must be a number >= 0, got {strength!r}")
+            raise ConfigError(f"strength must be a number >= 0, got {strength!r}")
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
+            raise ConfigError(f"refresh_every must be an integer >= 1, got {refresh_every!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
+            raise ConfigError(f"eps must be a number > 0, got {eps!r}")
         if prune_at is not None and prune_at < 0:
-            raise ValueError(f"prune_at must be >= 0, got {prune_at!r}")
+            raise ConfigError(f"prune_at must be >= 0, got {prune_at!r}")
         if not isinstance(decoupled, bool):
-            raise ValueError(f"decoupled must be True or False, got {decoupled!r}")
-        if isinstance(self.config.pattern, NM):
-            raise ValueError(f"pattern {self.config.pattern} has no groups to penalise; use block:Rx1 or block:1xC")
-        self.strength, self.refresh_every, self.eps, self.prune_at = float(strength), refresh_every, float(eps), prune_at
+            raise ConfigError(f"decoupled must be True or False, got {decoupled!r}")
+        if self.config.pattern.selects_locally:
+            raise PatternError(f"pattern {self.config.pattern} has no groups to penalise; "
+                               f"use block:Rx1 or block:1xC")
+        self.strength, self.eps = float(strength), float(eps)
+        self.refresh_every, self.prune_at = refresh_every, prune_at
         self.members: list[Member] = [m for unit in find_units(model, self.config) for m in unit.weights]
         self.coefficients: dict[str, Tensor] = {}  # 1 / (‖W_g^old‖² + ε), spread over each weight's elements
         self.decoupled = decoupled

@@ -1,8 +1,9 @@
 """Sparse training from scratch: a fixed sparse mask (static), or one that moves (SET, RigL).
 
-All three mask the network at construction (the config's criterion and allocation; by default a
-random mask with Erdős–Rényi-kernel densities, the random-pruning baseline of Liu et al. 2022) and
-train it at that sparsity throughout. The dynamic ones rewire every ``update_every`` updates:
+All three mask the network at construction with the config's criterion and allocation (the
+random-pruning baseline of Liu et al. 2022 is ``criterion="random", allocation="erk"``; a dict
+config gets the same defaults as :class:`~sparsenets.SparsityConfig`) and train it at that
+sparsity throughout. The dynamic ones rewire every ``update_every`` updates:
 
 - :class:`SET` (Mocanu et al. 2018) drops the fraction ζ of the smallest-magnitude active weights
   of every layer and regrows as many at random inactive positions.
@@ -17,7 +18,8 @@ regrown weights start at zero with their optimizer state (momentum, Adam moments
 In your own loop, build the optimizer after the method (masking moves ``weight`` into
 ``parametrizations.weight.original``), and tell the method about it::
 
-    method = RigL(model, {"sparsity": 0.9}, update_every=100, end_step=0.75 * total_steps)
+    method = RigL(model, {"sparsity": 0.9, "criterion": "random", "allocation": "erk"},
+                  update_every=100, end_step=0.75 * total_steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     method.on_train_begin(model, optimizer)
     for step, (x, y) in enumerate(loader, start=1):
@@ -37,21 +39,18 @@ from torch import Tensor, nn
 
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
+from ..errors import ConfigError, PatternError
 from ..masking import get_mask
-from ..patterns import Block, Unstructured
 from ..sparsify import sparsify_
 from ..targets import Unit, find_units
 from .base import Method
 
-DEFAULTS = {"criterion": "random", "allocation": "erk"}
-
 
 def _config(config: SparsityConfig | dict | str) -> SparsityConfig:
-    """A dict config gets a random ERK mask unless it says otherwise."""
-    config = as_config({**DEFAULTS, **config} if isinstance(config, dict) else config)
-    if not isinstance(config.pattern, (Unstructured, Block)):
-        raise ValueError(f"sparse training supports the unstructured and block:RxC patterns, "
-                         f"not {str(config.pattern)!r}")
+    config = as_config(config)
+    if not config.pattern.supports_rewiring:
+        raise PatternError(f"sparse training supports the unstructured and block:RxC patterns, "
+                           f"not {str(config.pattern)!r}")
     return config
 
 
@@ -75,15 +74,15 @@ class DynamicSparse(StaticSparse):
     Subclasses say how much to drop at a step and how to score the growth candidates.
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, update_every: int = 100,
-                 drop_fraction: float = 0.3, end_step: int | float | None = None,
-                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, update_every: int = 100, drop_fraction: float = 0.3,
+                 end_step: int | float | None = None) -> None:
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+            raise ConfigError(f"update_every must be an integer >= 1, got {update_every!r}")
         if not 0.0 < drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction must be in (0, 1), got {drop_fraction!r}")
+            raise ConfigError(f"drop_fraction must be in (0, 1), got {drop_fraction!r}")
         if end_step is not None and end_step < 1:
-            raise ValueError(f"end_step must be >= 1 (or None), got {end_step!r}")
+            raise ConfigError(f"end_step must be >= 1 (or None), got {end_step!r}")
         super().__init__(model, config, data, loss_fn)
         self.update_every, self.drop_fraction = update_every, drop_fraction
         self.end_step = None if end_step is None else int(end_step)
@@ -180,10 +179,11 @@ class RigL(DynamicSparse):
     pass of an update step, so the model can be copied or pickled between updates.
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, update_every: int = 100,
-                 drop_fraction: float = 0.3, end_step: int | float | None = None,
-                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
-        super().__init__(model, config, update_every, drop_fraction, end_step, data, loss_fn)
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, update_every: int = 100, drop_fraction: float = 0.3,
+                 end_step: int | float | None = None) -> None:
+        super().__init__(model, config, data, loss_fn, update_every=update_every, drop_fraction=drop_fraction,
+                         end_step=end_step)
         self.dense_grads: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 

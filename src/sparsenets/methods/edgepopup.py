@@ -14,23 +14,36 @@ Linear, Conv and both projections of ``nn.MultiheadAttention`` without touching 
     optimizer = torch.optim.SGD(scores, lr=0.1, momentum=0.9)
     ...  # your loop: only the scores move
     finalize_(model)   # plain weights = frozen weights × the chosen mask
+
+or, like every other method, from a :class:`~sparsenets.SparsityConfig` (its pattern, sparsity,
+include/exclude and module_types; density = 1 − sparsity)::
+
+    method = EdgePopup(model, {"sparsity": 0.5, "pattern": "block:4x4"})
+    optimizer = torch.optim.SGD(method.scores, lr=0.1, momentum=0.9)
+    ...
+    method.finalize()
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..masking import _make_picklable, attach
-from ..patterns import Pattern, Unstructured
+from ..batches import LossFn
+from ..config import SparsityConfig
+from ..errors import ConfigError, PatternError
 from ..gemm import from_gemm, to_gemm
-from ..targets import DEFAULT_LAYER_TYPES, is_layer, weight_names
+from ..masking import _make_picklable, attach
+from ..patterns import Pattern, parse_pattern
+from ..targets import DEFAULT_MODULE_TYPES, is_layer, name_matches, weight_names
+from .base import Method
 
 INITS = ("signed_constant", "kaiming_normal", "keep")
+SCORE_INITS = ("kaiming_uniform", "magnitude")
 
 
 class _TopK(torch.autograd.Function):
@@ -47,7 +60,7 @@ class _TopK(torch.autograd.Function):
         return grad, None
 
 
-class EdgePopup(nn.Module):
+class ScoreMask(nn.Module):
     """The parametrization: ``weight * mask``, mask = top-k groups by |score|, k = round(density · groups).
 
     ``group_ids`` maps each weight element (in the weight's own shape) to its group;
@@ -84,16 +97,29 @@ class EdgePopup(nn.Module):
         return f"pattern={self.pattern}, density={self.density:.4f}, groups={self.scores.numel()}"
 
 
-def _tensors(model: nn.Module, layer_types: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:
+def _tensors(model: nn.Module, module_types: Sequence[str], include: Sequence[str] | None,
+             exclude: Sequence[str]) -> Iterator[tuple[str, nn.Module, str]]:
     """(module name, module, weight name) of every layer edge-popup searches, incl. both MHA projections."""
+    def selected(name: str) -> bool:
+        return (not include or name_matches(name, list(include))) and not name_matches(name, list(exclude))
+
     for name, module in model.named_modules():
-        if not is_layer(module, layer_types):
+        if not is_layer(module, module_types) or not selected(name):
             continue
         for param in weight_names(module):
             yield name, module, param
-        if isinstance(module, nn.MultiheadAttention) and "Linear" not in layer_types:
+        if isinstance(module, nn.MultiheadAttention) and "Linear" not in module_types:
             # out_proj is a Linear subclass: when Linear isn't searched, still take attention's output
             yield f"{name}.out_proj", module.out_proj, "weight"
+
+
+def _grouping(pattern: Pattern | str | None) -> Pattern:
+    """The pattern as a grouping of each weight: edge-popup ranks groups, one layer at a time."""
+    pattern = parse_pattern(pattern or "unstructured")
+    if pattern.selects_locally or pattern.scope != "layer":
+        raise PatternError(f"edge-popup needs a pattern that groups each weight on its own "
+                           f"(unstructured, block:RxC, channel), got {str(pattern)!r}")
+    return pattern
 
 
 @torch.no_grad()
@@ -107,37 +133,42 @@ def _random_weight(module: nn.Module, weight: Tensor, init: str, generator: torc
 
 
 def edge_popup_(model: nn.Module, density: float, init: str = "signed_constant", seed: int = 0,
-                pattern: Pattern | None = None, scores: str = "kaiming_uniform",
-                layer_types: tuple[str, ...] = DEFAULT_LAYER_TYPES, freeze_rest: bool = True) -> list[nn.Parameter]:
+                pattern: Pattern | str | None = None, scores: str = "kaiming_uniform",
+                module_types: Sequence[str] = DEFAULT_MODULE_TYPES, freeze_rest: bool = True,
+                include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[nn.Parameter]:
     """Put edge-popup on every searched weight of ``model``, in place; returns the score parameters.
 
     Args:
-        density: fraction of each layer's groups kept (the top-k by |score|).
+        density: fraction of each layer's groups kept (the top-k by |score|), i.e. 1 − sparsity.
         init: ``signed_constant`` or ``kaiming_normal`` to redraw the weights at random (from
             ``seed``), or ``keep`` to search over the weights the model has (lottery jackpots).
-        pattern: group layout in GEMM form (``Block``, ``Channel``, ...); default one score per weight.
+        pattern: group layout in GEMM form (``"block:4x4"``, ``"channel"``, a Pattern); default one
+            score per weight.
         scores: ``kaiming_uniform`` (random, from ``seed``) or ``magnitude`` (|w|, the mean per
             group): the first mask is then magnitude pruning.
+        module_types: layer classes searched, as in :class:`~sparsenets.SparsityConfig`.
         freeze_rest: also freeze every other parameter (biases, norms), as in the paper.
+        include / exclude: globs on module names, as in :class:`~sparsenets.SparsityConfig`.
     """
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ConfigError(f"density (the kept fraction) must be in (0, 1], got {density!r}")
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
-    if scores not in ("kaiming_uniform", "magnitude"):
-        raise ValueError(f"unknown scores {scores!r}; choose from kaiming_uniform, magnitude")
-    pattern = pattern or Unstructured()
+        raise ConfigError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+    if scores not in SCORE_INITS:
+        raise ConfigError(f"unknown scores {scores!r}; choose from {', '.join(SCORE_INITS)}")
+    pattern = _grouping(pattern)
     generator = torch.Generator().manual_seed(seed)
-    targets = list(_tensors(model, layer_types))
+    targets = list(_tensors(model, module_types, include, exclude))
     if not targets:
-        raise ValueError(f"edge-popup found no layer of type {list(layer_types)} in {type(model).__name__}")
+        raise ConfigError(f"edge-popup found no layer of type {list(module_types)} in {type(model).__name__} "
+                          f"(include={include!r}, exclude={list(exclude)!r})")
     if freeze_rest:
         for p in model.parameters():
             p.requires_grad_(False)
     found = []
     for name, module, param in targets:
         if parametrize.is_parametrized(module, param):
-            raise ValueError(f"{name}.{param} is already parametrized (masked?); finalize it first")
+            raise ConfigError(f"{name}.{param} is already parametrized (masked?); finalize it first")
         weight = getattr(module, param)
         with torch.no_grad():
             if init != "keep":
@@ -153,7 +184,7 @@ def edge_popup_(model: nn.Module, density: float, init: str = "signed_constant",
         else:  # kaiming_uniform over a (groups,) vector, as the paper's scores
             bound = math.sqrt(6.0 / cols)
             initial = (torch.rand(n_groups, generator=generator) * 2 - 1) * bound
-        popup = EdgePopup(initial, ids, density, pattern.name)
+        popup = ScoreMask(initial, ids, density, pattern.name)
         parametrize.register_parametrization(module, param, popup)
         module.parametrizations[param].original.requires_grad_(False)
         _make_picklable(module)
@@ -161,13 +192,13 @@ def edge_popup_(model: nn.Module, density: float, init: str = "signed_constant",
     return found
 
 
-def popups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, EdgePopup]]:
-    """Every edge-popup parametrization: (module name, module, tensor name, EdgePopup)."""
+def popups(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, ScoreMask]]:
+    """Every edge-popup parametrization: (module name, module, tensor name, ScoreMask)."""
     for module_name, module in model.named_modules():
         if parametrize.is_parametrized(module):
             for name in module.parametrizations:
                 for p in module.parametrizations[name]:
-                    if isinstance(p, EdgePopup):
+                    if isinstance(p, ScoreMask):
                         yield module_name, module, name, p
 
 
@@ -175,10 +206,10 @@ def score_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p.scores for *_, p in popups(model)]
 
 
-def lottery_jackpot_(model: nn.Module, density: float, pattern: Pattern | None = None,
-                     layer_types: tuple[str, ...] = DEFAULT_LAYER_TYPES) -> list[nn.Parameter]:
+def lottery_jackpot_(model: nn.Module, density: float, pattern: Pattern | str | None = None,
+                     module_types: Sequence[str] = DEFAULT_MODULE_TYPES) -> list[nn.Parameter]:
     """Edge-popup over the model's own (trained) weights, scores from |w|: starts at magnitude pruning."""
-    return edge_popup_(model, density, init="keep", pattern=pattern, scores="magnitude", layer_types=layer_types)
+    return edge_popup_(model, density, init="keep", pattern=pattern, scores="magnitude", module_types=module_types)
 
 
 @torch.no_grad()
@@ -191,7 +222,7 @@ def finalize_(model: nn.Module, as_masks: bool = False) -> nn.Module:
     """
     for _, module, name, popup in list(popups(model)):
         if len(module.parametrizations[name]) > 1:
-            raise ValueError(f"{type(module).__name__}.{name} has other parametrizations; remove them first")
+            raise ConfigError(f"{type(module).__name__}.{name} has other parametrizations; remove them first")
         mask = popup.mask()
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         getattr(module, name).requires_grad_(True)
@@ -200,3 +231,35 @@ def finalize_(model: nn.Module, as_masks: bool = False) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+_PER_LAYER_DEFAULTS = {"allocation": "uniform", "overrides": {}, "keep_first_last_dense": False}
+
+
+class EdgePopup(Method):
+    """Edge-popup as a method: search a subnetwork of ``model``'s frozen weights at the config's
+    density (1 − sparsity), pattern, include/exclude and module_types.
+
+    The score search keeps the same fraction in every layer, so the config's allocation must be
+    ``uniform``; its criterion is not used (``scores`` picks the initial scores). ``scores`` and
+    ``init`` are as in :func:`edge_popup_`, and ``config.seed`` seeds both. Train
+    :attr:`scores` (the only trainable tensors), then call :meth:`finalize`.
+    """
+
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, init: str = "signed_constant", scores: str = "kaiming_uniform",
+                 freeze_rest: bool = True) -> None:
+        super().__init__(model, config, data, loss_fn)
+        c = self.config
+        unsupported = {key: getattr(c, key) for key, default in _PER_LAYER_DEFAULTS.items()
+                       if getattr(c, key) != default}
+        if unsupported:
+            raise ConfigError(f"edge-popup keeps the same fraction of every layer; it does not take "
+                              f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}")
+        self.scores = edge_popup_(model, 1.0 - c.sparsity, init=init, seed=c.seed, pattern=c.pattern,
+                                  scores=scores, module_types=c.module_types or DEFAULT_MODULE_TYPES,
+                                  freeze_rest=freeze_rest, include=c.include, exclude=c.exclude)
+
+    def finalize(self, as_masks: bool = False) -> nn.Module:
+        """Bake the chosen subnetwork in (see :func:`finalize_`); returns the model."""
+        return finalize_(self.model, as_masks=as_masks)

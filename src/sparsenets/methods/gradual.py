@@ -8,6 +8,7 @@ from torch import nn
 
 from ..batches import LossFn
 from ..config import SparsityConfig
+from ..errors import ConfigError
 from .base import Method
 
 
@@ -28,16 +29,16 @@ class GradualMagnitudePruning(Method):
     divide the span. Pruning uses the config's criterion (magnitude by default).
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, start: int, end: int,
-                 frequency: int, initial_sparsity: float = 0.0,
-                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, start: int, end: int, frequency: int,
+                 initial_sparsity: float = 0.0) -> None:
         super().__init__(model, config, data, loss_fn)
         if not 0 <= start <= end:
-            raise ValueError(f"need 0 <= start <= end, got start={start!r}, end={end!r}")
+            raise ConfigError(f"need 0 <= start <= end, got start={start!r}, end={end!r}")
         if frequency < 1:
-            raise ValueError(f"frequency must be >= 1 update, got {frequency!r}")
+            raise ConfigError(f"frequency must be >= 1 update, got {frequency!r}")
         if not 0.0 <= initial_sparsity <= self.config.sparsity:
-            raise ValueError(f"initial_sparsity must be in [0, {self.config.sparsity:g}] "
+            raise ConfigError(f"initial_sparsity must be in [0, {self.config.sparsity:g}] "
                              f"(the final sparsity), got {initial_sparsity!r}")
         self.start, self.end, self.frequency = start, end, frequency
         self.initial_sparsity = initial_sparsity

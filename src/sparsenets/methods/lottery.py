@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor, nn
 
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
+from ..errors import ConfigError
 from ..masking import get_mask
-from ..patterns import Head, NM
+from ..patterns import Pattern
 from ..sparsify import sparsify_
 from ..targets import find_units
 from .base import Method, config_at
@@ -28,7 +30,7 @@ from .state import apply_masks, copy_masks, rewind_, snapshot
 def level_sparsities(final: float, prune_fraction: float = 0.2) -> list[float]:
     """s_l = 1 − (1 − p)^l for l = 1, 2, ... until ``final``, the last one capped at ``final``."""
     if not 0.0 < prune_fraction < 1.0:
-        raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction!r}")
+        raise ConfigError(f"prune_fraction must be in (0, 1), got {prune_fraction!r}")
     levels: list[float] = []
     while not levels or levels[-1] < final - 1e-12:
         levels.append(min(1.0 - (1.0 - prune_fraction) ** (len(levels) + 1), final))
@@ -59,12 +61,12 @@ class LotteryTicket(Method):
             train(model, start=ticket.rewind_step)    # fresh optimizer; schedule from update k
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, prune_fraction: float = 0.2,
-                 rewind_step: int = 0, data: Iterable | None = None, loss_fn: LossFn | None = None, *,
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, prune_fraction: float = 0.2, rewind_step: int = 0,
                  rewind_point: dict[str, Tensor] | None = None, level: int = 0) -> None:
         super().__init__(model, config, data, loss_fn)
         if rewind_step < 0:
-            raise ValueError(f"rewind_step must be >= 0, got {rewind_step!r}")
+            raise ConfigError(f"rewind_step must be >= 0, got {rewind_step!r}")
         self.levels = level_configs(self.config, prune_fraction)
         self.prune_fraction = prune_fraction
         self.rewind_step = rewind_step
@@ -122,13 +124,16 @@ def random_prune(model: nn.Module, ticket: nn.Module, config: SparsityConfig | d
     overrides = {}
     # deeper names first: an override glob also matches a layer's children, and the first match wins
     for name in sorted(sparsities, key=lambda n: -n.count(".")):
-        pattern = config.pattern_for(name)
-        if isinstance(pattern, NM):
-            overrides[name] = {"pattern": pattern}
-        elif isinstance(pattern, Head):
-            overrides[name] = {"sparsity": sparsities[name]}
-        else:
-            overrides[name] = {"sparsity": sparsities[name], "pattern": pattern}
+        overrides[name] = _same_level(config.pattern_for(name), sparsities[name])
     random_config = dataclasses.replace(config, criterion="random", allocation="uniform", seed=seed,
                                         overrides=overrides, rounds=1)
     return sparsify_(model, random_config)
+
+
+def _same_level(pattern: Pattern, sparsity: float) -> dict[str, Any]:
+    """An override that repeats a layer's pattern and sparsity: a fixed-density pattern (N:M) sets
+    the sparsity itself, and an attention-wide pattern (head) can only be the config's own."""
+    override: dict[str, Any] = {} if pattern.fixed_density is not None else {"sparsity": sparsity}
+    if pattern.scope == "layer":
+        override["pattern"] = pattern
+    return override

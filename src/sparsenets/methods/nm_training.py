@@ -13,8 +13,8 @@ part in training:
   forward uses an exact N:M weight.
 
 The model code is untouched: each weight gets an :class:`NMTraining` parametrization.
-:meth:`NMMethod.finalize` swaps it for a core :class:`~sparsenets.masking.Mask` holding the final N:M mask, so the result
-is an ordinary masked model. In your own loop::
+:meth:`NMMethod.finalize` swaps it for a core :class:`~sparsenets.masking.Mask` holding the final
+N:M mask, so the result is an ordinary masked model. In your own loop::
 
     method = ProgressiveNM(model, {"pattern": "1:8", "exclude": ["embed"]}, total_steps=3000)
     optimizer = torch.optim.Adam(model.parameters())   # after the method: weights moved
@@ -28,15 +28,18 @@ is an ordinary masked model. In your own loop::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..batches import LossFn
 from ..config import SparsityConfig, as_config
+from ..errors import ConfigError, PatternError
+from ..gemm import is_hf_conv1d
 from ..masking import _make_picklable, attach
 from ..patterns import NM
-from ..gemm import is_hf_conv1d
 from ..targets import find_units
 from .base import Method
 
@@ -82,19 +85,27 @@ def _select(scores: Tensor, n: int, m: int) -> Tensor:
     return NM(n, m).select(scores) if n < m else torch.ones_like(scores, dtype=torch.bool)
 
 
+def _nm_pattern(config: SparsityConfig) -> NM:
+    if config.pattern.n_m is None:
+        raise PatternError(f"N:M training needs an N:M pattern such as '2:4' or '1:16', "
+                           f"got {str(config.pattern)!r}")
+    return NM(*config.pattern.n_m)
+
+
 class NMMethod(Method):
-    """Shared machinery: parametrize every selected weight, refresh masks, finalize to core masks."""
+    """Shared machinery: parametrize every selected weight, refresh masks, finalize to core masks.
+
+    ``data``/``loss_fn`` are accepted like every method's; the masks come from |w| alone.
+    """
 
     straight_through = False
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, update_every: int = 1) -> None:
-        super().__init__(model, as_config(config))
-        if not isinstance(self.config.pattern, NM):
-            raise ValueError(f"N:M training needs an N:M pattern such as '2:4' or '1:16', "
-                             f"got {str(self.config.pattern)!r}")
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, update_every: int = 1) -> None:
+        super().__init__(model, config, data, loss_fn)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
-        self.pattern: NM = self.config.pattern
+            raise ConfigError(f"update_every must be an integer >= 1, got {update_every!r}")
+        self.pattern = _nm_pattern(self.config)
         self.update_every = update_every
         self.finalized = False
         self.parametrizations: list[tuple[nn.Module, str, NMTraining]] = []
@@ -107,7 +118,7 @@ class NMMethod(Method):
                 _make_picklable(module)
                 self.parametrizations.append((module, name, p))
         if not self.parametrizations:
-            raise ValueError("N:M training found no layer to sparsify; check 'include'/'exclude'")
+            raise ConfigError("N:M training found no layer to sparsify; check 'include'/'exclude'")
         self._set_schedule(0)
 
     # ---- schedule (subclasses override) --------------------------------------------------------
@@ -170,12 +181,12 @@ class SRSTE(NMMethod):
 
     straight_through = True
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, decay: float = 2e-4,
-                 update_every: int = 1) -> None:
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, decay: float = 2e-4, update_every: int = 1) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
-            raise ValueError(f"decay (SR-STE's λ) must be a number >= 0, got {decay!r}")
+            raise ConfigError(f"decay (SR-STE's λ) must be a number >= 0, got {decay!r}")
         self.decay = float(decay)
-        super().__init__(model, config, update_every)
+        super().__init__(model, config, data, loss_fn, update_every=update_every)
 
     def before_optimizer_step(self, step: int) -> None:
         for module, name, p in self.parametrizations:
@@ -193,23 +204,21 @@ class ProgressiveNM(NMMethod):
     through 4:16 and 2:16); stages split ``[0, decay_end·total_steps]`` evenly.
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, total_steps: int,
-                 decay_end: float | None = 0.5, structure: Sequence[int] | None = None,
-                 update_every: int = 1) -> None:
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, total_steps: int, decay_end: float | None = 0.5,
+                 structure: Sequence[int] | None = None, update_every: int = 1) -> None:
         config = as_config(config)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+            raise ConfigError(f"total_steps must be an integer >= 1, got {total_steps!r}")
         if decay_end is not None and not 0.0 < decay_end <= 1.0:
-            raise ValueError(f"decay_end must be in (0, 1] or None, got {decay_end!r}")
-        target = config.pattern
-        stages = list(structure) if structure is not None else [getattr(target, "n", 1)]
-        if isinstance(target, NM) and (stages[-1] != target.n or any(
-                not isinstance(s, int) or not target.n <= s < target.m for s in stages)
-                or stages != sorted(stages, reverse=True)):
-            raise ValueError(f"structure must be decreasing n's in [{target.n}, {target.m}) ending at "
-                             f"{target.n}, got {structure!r}")
+            raise ConfigError(f"decay_end must be in (0, 1] or None, got {decay_end!r}")
+        n, m = _nm_pattern(config).n_m
+        stages = list(structure) if structure is not None else [n]
+        if any(not isinstance(s, int) or not n <= s < m for s in stages) or stages[-1] != n \
+                or stages != sorted(stages, reverse=True):
+            raise ConfigError(f"structure must be decreasing n's in [{n}, {m}) ending at {n}, got {structure!r}")
         self.total_steps, self.decay_end, self.stages = total_steps, decay_end, stages
-        super().__init__(model, config, update_every)
+        super().__init__(model, config, data, loss_fn, update_every=update_every)
 
     def _end(self) -> float:
         return (self.decay_end if self.decay_end is not None else 0.5) * self.total_steps

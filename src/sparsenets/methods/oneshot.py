@@ -8,6 +8,7 @@ from torch import nn
 
 from ..batches import LossFn
 from ..config import SparsityConfig
+from ..errors import ConfigError
 from .base import Method
 
 
@@ -19,11 +20,11 @@ class OneShot(Method):
         OneShot(model, {"sparsity": 0.9}).apply()   # then keep training
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, at_step: int | None = None,
-                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, *, at_step: int | None = None) -> None:
         super().__init__(model, config, data, loss_fn)
         if at_step is not None and at_step < 0:
-            raise ValueError(f"at_step must be >= 0, got {at_step!r}")
+            raise ConfigError(f"at_step must be >= 0, got {at_step!r}")
         self.at_step = at_step
         self.done = False
 
