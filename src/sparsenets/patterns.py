@@ -314,3 +314,12 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
         if (pattern := cls.parse(text)) is not None:
             return pattern
     raise PatternError(f"unknown pattern {spec!r}; expected one of {', '.join(pattern_syntaxes())}")
+
+
+def block_shape_of(name: str | None) -> tuple[int, int] | None:
+    """The ``(r, c)`` blocks a recorded pattern name promises, or None (not a block pattern,
+    ``"mixed"``, ``"dense"``, or a name this version does not know)."""
+    try:
+        return parse_pattern(name).block_shape if name else None
+    except PatternError:
+        return None

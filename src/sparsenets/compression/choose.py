@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..gemm import block_density, is_hf_conv1d, to_gemm
 from ..layers.csr import CSRLinear
-from ..patterns import Block, PatternError, parse_pattern
+from ..patterns import block_shape_of
 from ..utils import atomic, cache, timing
 from .surgery import CONV_TYPES
 
@@ -61,13 +61,6 @@ class LayerChoice:
     how: str = "rule"  # "timed", "cached", "rule", "rule (timing inconclusive: ...)" or why it stays dense
 
 
-def _block_of(pattern: str) -> tuple[int, int] | None:
-    try:
-        parsed = parse_pattern(pattern)
-    except PatternError:
-        return None
-    return (parsed.r, parsed.c) if isinstance(parsed, Block) else None
-
 
 def _block_classes() -> dict[type, type] | None:
     """Block-sparse layers by the layer they replace, or None where they are not installed."""
@@ -90,7 +83,7 @@ def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Mod
     builders: dict[str, Callable[[], nn.Module]] = {"dense": lambda: module}
     if _is_linear(module):
         builders["csr"] = lambda: CSRLinear.from_dense(gemm, gemm != 0, bias)
-    block = _block_of(pattern)
+    block = block_shape_of(pattern)
     classes = _block_classes()
     if block is not None and classes is not None and block[0] <= gemm.shape[0] and block[1] <= gemm.shape[1]:
         if _is_linear(module):
@@ -105,7 +98,7 @@ def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Mod
 def rule(module: nn.Module, pattern: str, kinds: list[str]) -> str:
     """The density rule used without timing."""
     gemm = to_gemm(module, module.weight.detach())
-    block = _block_of(pattern)
+    block = block_shape_of(pattern)
     if "block" in kinds and min(block) >= BLOCK_MIN_SIDE and block_density(gemm, block) <= BLOCK_MAX_DENSITY:
         return "block"
     if "csr" in kinds and float((gemm != 0).float().mean()) <= CSR_MAX_DENSITY:

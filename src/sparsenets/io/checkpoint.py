@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SparsityConfig
-from ..errors import CheckpointError, PatternError
+from ..errors import CheckpointError
 from ..masking import attach, finalize_, masks
-from ..patterns import Block, parse_pattern
+from ..patterns import block_shape_of
 from ..record import get_record, has_record, set_record
 from ..utils import atomic
 from . import architecture as A
@@ -45,15 +45,6 @@ SECTIONS = ("architecture", "tensors", "aliases", "masks", "replaced", "records"
 
 # ---- what a model holds ---------------------------------------------------------------------------------
 
-
-def _block_hint(pattern: str | None) -> tuple[int, int] | None:
-    if not pattern:
-        return None
-    try:
-        parsed = parse_pattern(pattern)
-    except PatternError:
-        return None
-    return (parsed.r, parsed.c) if isinstance(parsed, Block) else None
 
 
 def _replacement_state(path: str, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
@@ -107,9 +98,9 @@ def _collect(model: nn.Module) -> dict[str, Any]:
         if not any(key.startswith(p) for p in skip):
             state[key] = tensor
     for key, (mask, pattern) in mask_of.items():
-        hints[key] = (mask, _block_hint(pattern))
+        hints[key] = (mask, block_shape_of(pattern))
     for path, module in plain.named_modules():
-        hint = _block_hint(get_record(module).pattern)
+        hint = block_shape_of(get_record(module).pattern)
         key = f"{path}.weight" if path else "weight"
         if hint and key in state and key not in hints:
             hints[key] = (None, hint)

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from ...errors import ConfigError
 from ...methods.nm_training import SRSTE, ProgressiveNM
-from ...patterns import NM, parse_pattern
+from ...patterns import parse_pattern
 from ..schema import NonNegativeFloat, PositiveInt
 from .base import DENSE, Arm, Context, Job, Options, Outcome, Protocol, init_seed, register_protocol
 from .dense import train_dense
@@ -40,13 +40,13 @@ class NMTrainingOptions(Options):
         if patterns is None:
             return None
         parsed = [parse_pattern(p) for p in patterns]  # a PatternError (a ValueError) names the bad one
-        if not all(isinstance(p, NM) for p in parsed):
+        if any(p.n_m is None for p in parsed):
             raise ValueError("must be N:M patterns such as ['1:8', '1:16']")
         return [p.name for p in parsed]
 
     def resolve(self, recipe: Recipe) -> None:
         if self.patterns is None:
-            if not isinstance(recipe.sparsity.pattern, NM):
+            if recipe.sparsity.pattern.n_m is None:
                 raise ConfigError(f"patterns: give N:M patterns, or an N:M sparsity.pattern "
                                   f"(not {recipe.sparsity.pattern})")
             self.patterns = [recipe.sparsity.pattern.name]
