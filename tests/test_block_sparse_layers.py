@@ -12,8 +12,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsenets.kernels import block_keep, scatter_blocks
-from sparsenets.layers import (BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear, SemiStructuredLinear,
-                               semi_structured_supported)
+from sparsenets.layers import (
+    BlockSparseConv1d,
+    BlockSparseConv2d,
+    BlockSparseLinear,
+    SemiStructuredLinear,
+    semi_structured_supported,
+)
 
 
 def block_mask(rows, cols, block, density, generator=None):

@@ -636,3 +636,34 @@ def test_one_activation_module_used_twice_still_shrinks() -> None:
     assert compressed.fc1.out_features == 4 and compressed.fc2.out_features == 4
     x = torch.randn(5, 6)
     _assert_close(compressed(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("style", ["functions", "methods"])
+def test_one_layer_feeding_two_activations_shrinks(style: str) -> None:
+    """Each branch folds its own constants: relu(bias) into one layer, sigmoid(bias) into the other.
+
+    Regression: the constants of every branch once went through the activation of the last branch
+    followed (a closure capturing the loop variable); compress saw the outputs differ and undid it.
+    """
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            relu, sigmoid = (F.relu(h), torch.sigmoid(h)) if style == "functions" else (h.relu(), h.sigmoid())
+            a, b = self.a(relu), self.b(sigmoid)
+            return self.head(torch.cat([a + b, a * b], dim=-1))
+
+    model = TwoBranches().eval()
+    with torch.no_grad():
+        model.fc.weight[:4] = 0  # 4 dead neurons: constants, and relu(c) != sigmoid(c) for each
+        model.fc.bias[:4] = torch.tensor([-1.0, 2.0, -3.0, 4.0])
+    compressed = sn.compress(model, torch.randn(2, 6), autotune=False)
+    assert not any("undid shrinking" in note for note in compressed.compress_report.notes)
+    assert compressed.fc.out_features == 4
+    assert compressed.a.in_features == compressed.b.in_features == 4
+    x = torch.randn(5, 6)
+    _assert_close(compressed(x), model(x))

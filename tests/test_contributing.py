@@ -25,12 +25,13 @@ def _block(marker: str) -> str:
 @pytest.fixture
 def registries():
     """Leave every registry as it was: the examples register new names."""
-    saved = (dict(criteria.CRITERIA), list(patterns._REGISTRY), dict(protocols.PROTOCOLS), dict(protocols.ARMS))
+    tables = (criteria.CRITERIA, protocols.PROTOCOLS, protocols.ARMS)
+    saved, saved_patterns = [dict(table) for table in tables], list(patterns._REGISTRY)
     yield
-    criteria.CRITERIA.clear(); criteria.CRITERIA.update(saved[0])
-    patterns._REGISTRY[:] = saved[1]
-    protocols.PROTOCOLS.clear(); protocols.PROTOCOLS.update(saved[2])
-    protocols.ARMS.clear(); protocols.ARMS.update(saved[3])
+    for table, before in zip(tables, saved):
+        table.clear()
+        table.update(before)
+    patterns._REGISTRY[:] = saved_patterns
 
 
 def test_the_criterion_example_registers_and_its_test_passes(registries):

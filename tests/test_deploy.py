@@ -3,14 +3,14 @@
 import json
 
 import torch
+from rich.console import Console
 
 import sparsenets as sn
 from sparsenets.experiments import load_recipe, run_recipe
 from sparsenets.experiments.deploy import compress_winning_ticket, winning_level
-from sparsenets.models import build_model
 from sparsenets.experiments.runner import RunDir
 from sparsenets.methods import apply_masks, rewind_
-from rich.console import Console
+from sparsenets.models import build_model
 
 RECIPE = {
     "name": "deploy", "seeds": [0],

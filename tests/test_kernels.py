@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsenets.kernels import (BlockLayout, block_keep, block_sparse_linear, choose_backend, cpu,
-                                gather_blocks, scatter_blocks)
+from sparsenets.kernels import (
+    BlockLayout,
+    block_keep,
+    block_sparse_linear,
+    choose_backend,
+    cpu,
+    gather_blocks,
+    scatter_blocks,
+)
 from sparsenets.kernels.cpu import build
 
 BLOCKS = [(32, 32), (4, 4), (8, 1), (1, 8), (16, 32)]

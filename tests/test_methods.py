@@ -322,7 +322,8 @@ def test_every_method_takes_model_config_data_loss_fn(method, config, options):
     assert by_keyword.config == built.config
 
 
-@pytest.mark.parametrize("method, config, options", [m for m in METHODS if m[2]], ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("method, config, options", [m for m in METHODS if m[2]],
+                         ids=lambda v: getattr(v, "__name__", ""))
 def test_options_are_keyword_only_so_a_stray_positional_is_loud(method, config, options):
     with pytest.raises(TypeError):
         method(_nm_model(), config, None, None, *options.values())

@@ -90,7 +90,8 @@ class SparsityConfig:
         for name in self.module_types or []:
             if name not in MODULE_TYPES:
                 raise ConfigError(f"module_types: unknown type {name!r}; supported: {', '.join(MODULE_TYPES)}")
-        self.overrides = {glob: self._override(glob, value) for glob, value in dict(self.overrides).items()}
+        self.overrides = {glob: self._override(glob, value, self.pattern)
+                          for glob, value in dict(self.overrides).items()}
         if self.rounds is None:
             self.rounds = CRITERIA[self.criterion].default_rounds
         for key in ("rounds", "batches"):
@@ -107,7 +108,8 @@ class SparsityConfig:
             raise ConfigError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
         return text
 
-    def _override(self, glob: str, value: Any) -> dict[str, Any]:
+    def _override(self, glob: str, value: Any, base: Pattern) -> dict[str, Any]:
+        """An override, validated; ``base`` is the config's own (parsed) pattern."""
         where = f"overrides[{glob!r}]"
         if not isinstance(value, dict):
             value = {"sparsity": value}
@@ -120,11 +122,10 @@ class SparsityConfig:
                 out["pattern"] = parse_pattern(value["pattern"])
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from None
-            if out["pattern"].scope != self.pattern.scope:
+            if out["pattern"].scope != base.scope:
                 raise ConfigError(f"{where}: pattern {out['pattern']} works per {out['pattern'].scope}, "
-                                  f"the config's pattern {self.pattern} per {self.pattern.scope}; an override "
-                                  f"can't mix them")
-        pattern = out.get("pattern", self.pattern)
+                                  f"the config's pattern {base} per {base.scope}; an override can't mix them")
+        pattern = out.get("pattern", base)
         if "sparsity" in value:
             out["sparsity"] = _check_sparsity(value["sparsity"], f"{where}.sparsity")
         elif pattern.fixed_density is not None:
@@ -133,6 +134,22 @@ class SparsityConfig:
         if fixed is not None and out["sparsity"] != 0.0 and abs(out["sparsity"] - (1 - fixed)) > 1e-9:
             raise ConfigError(f"{where}: pattern {pattern} fixes sparsity at {1 - pattern.fixed_density:g}")
         return out
+
+    # ---- the resolved fields, typed -------------------------------------------------------
+    # ``sparsity`` and ``pattern`` also take what users write (None, a pattern string);
+    # ``__post_init__`` resolves both, and these give them their resolved types.
+
+    @property
+    def target_sparsity(self) -> float:
+        """The overall sparsity: as given, or the pattern's default."""
+        assert self.sparsity is not None, "resolved in __post_init__"
+        return self.sparsity
+
+    @property
+    def target_pattern(self) -> Pattern:
+        """The pattern, parsed."""
+        assert isinstance(self.pattern, Pattern), "parsed in __post_init__"
+        return self.pattern
 
     # ---- per-layer resolution --------------------------------------------------------------
 

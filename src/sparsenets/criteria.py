@@ -14,9 +14,9 @@ weight's qualified name (``"encoder.0.weight"``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +68,14 @@ def random(model, weights: Weights, batches, loss_fn, generator: torch.Generator
             for k in weights}
 
 
-def _gradients(model: nn.Module, weights: Weights, batch: Any, loss_fn, create_graph: bool = False) -> list[Tensor]:
+def _gradients(model: nn.Module, weights: Weights, batch: Any, loss_fn,
+               create_graph: bool = False) -> list[Tensor | None]:
     params = [_tensor(weights, k) for k in weights]
     loss = B.loss(model, batch, loss_fn)
     return list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True))
 
 
-def _zeros_for_unused(grads: list[Tensor | None], weights: Weights) -> list[Tensor]:
+def _zeros_for_unused(grads: Sequence[Tensor | None], weights: Weights) -> list[Tensor]:
     return [torch.zeros_like(_tensor(weights, k)) if g is None else g for g, k in zip(grads, weights)]
 
 
@@ -112,7 +113,7 @@ def grasp(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
         # fused attention kernels have no double backward; the math kernel does
         with sdpa_kernel(SDPBackend.MATH):
             grads = _gradients(model, weights, batch, loss_fn, create_graph=True)
-        z = sum((gr * gi).sum() for gr, gi in zip(grads, g) if gr is not None)
+        z = cast(Tensor, sum((gr * gi).sum() for gr, gi in zip(grads, g) if gr is not None))
         for acc, h in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
             if h is not None:
                 acc += h.detach()
@@ -161,13 +162,12 @@ def synflow(model, weights: Weights, batches, loss_fn, generator, config) -> Sco
 
 
 def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """Input patches in GEMM column order: (positions, in·kh·kw)."""
+    """Input patches in GEMM column order: (positions, in·kh·kw); numeric padding only."""
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    padding = cast(tuple[int, ...], module.padding)  # the caller handles string padding elsewhere
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-2)
-        kernel, dilation, padding, stride = ((1, *module.kernel_size), (1, *module.dilation),
-                                             (0, *module.padding), (1, *module.stride))
-    else:
-        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+        kernel, dilation, padding, stride = (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -198,11 +198,11 @@ def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """Σ x_j² over the batch for every GEMM column, shaped to broadcast against the GEMM weight."""
     if isinstance(module, nn.MultiheadAttention):
         inputs = [kwargs.get(n, a) for n, a in zip(("query", "key", "value"), args + (None,) * 3)]
-        sq = [x.detach().reshape(-1, x.shape[-1]).pow(2).sum(0) for x in inputs]
+        sums = [x.detach().reshape(-1, x.shape[-1]).pow(2).sum(0) for x in inputs]
         e = module.embed_dim
         if module._qkv_same_embed_dim:
-            return torch.cat([s.expand(e, -1) for s in sq])
-        return torch.cat([s.expand(e, -1) for s in sq], dim=1)  # q|k|v weights sit side by side
+            return torch.cat([s.expand(e, -1) for s in sums])
+        return torch.cat([s.expand(e, -1) for s in sums], dim=1)  # q|k|v weights sit side by side
     x = args[0] if args else next(iter(kwargs.values()))
     x = x.detach()
     if isinstance(module, nn.Embedding):
@@ -225,7 +225,7 @@ def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
 def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
     """Wanda (Sun et al. 2024): |W_ij| · ‖X_j‖₂ over calibration inputs (forward passes only)."""
     modules = {id(m): m for m, _ in weights.values()}
-    for k, (module, _) in weights.items():
+    for k, (module, _param) in weights.items():
         if isinstance(module, nn.RNNBase):  # their hidden-state inputs never pass through a hook
             raise ConfigError(f"criterion 'wanda' cannot see the inputs of recurrent layer '{k}'; "
                              f"use another criterion or exclude the layer")
@@ -257,7 +257,7 @@ def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
         if id(module) not in sq:
             raise ConfigError(f"criterion 'wanda': layer '{k}' saw no input in the calibration batches")
         norms = sq[id(module)].sqrt()
-        if param in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        if isinstance(module, nn.MultiheadAttention) and param in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
             start = {"q": 0, "k": 1, "v": 2}[param[0]]
             widths = [module.embed_dim, module.kdim, module.vdim]
             offset = sum(widths[:start])

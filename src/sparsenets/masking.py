@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,8 @@ from .errors import SparsenetsError
 
 class Mask(nn.Module):
     """The parametrization: multiplies a tensor by a fixed boolean mask."""
+
+    mask: Tensor
 
     def __init__(self, mask: Tensor, pattern: str = "unstructured") -> None:
         super().__init__()
@@ -37,10 +40,15 @@ class Mask(nn.Module):
         return f"pattern={self.pattern}, density={density:.4f}"
 
 
+def parametrization_list(module: nn.Module, name: str) -> parametrize.ParametrizationList:
+    """``module.parametrizations[name]`` of a parametrized module."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[name])
+
+
 def get_mask(module: nn.Module, name: str) -> Mask | None:
     if not parametrize.is_parametrized(module, name):
         return None
-    return next((p for p in module.parametrizations[name] if isinstance(p, Mask)), None)
+    return next((p for p in parametrization_list(module, name) if isinstance(p, Mask)), None)
 
 
 def masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Mask]]:
@@ -55,24 +63,23 @@ def masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Mask]]:
 
 def attach(module: nn.Module, name: str, mask: Tensor, pattern: str) -> None:
     """Mask ``module.<name>``, or replace its mask. Masked entries of the stored tensor are zeroed."""
-    existing = get_mask(module, name)
-    if existing is not None:
-        existing.mask.copy_(mask)
-        existing.pattern = pattern
-        original = module.parametrizations[name].original
+    current = get_mask(module, name)
+    if current is not None:
+        current.mask.copy_(mask)
+        current.pattern = pattern
     else:
         tensor = getattr(module, name)
-        parametrize.register_parametrization(module, name, Mask(mask.to(tensor.device), pattern))
+        current = Mask(mask.to(tensor.device), pattern)
+        parametrize.register_parametrization(module, name, current)
         _make_picklable(module)
-        original = module.parametrizations[name].original
     with torch.no_grad():
-        original.mul_(get_mask(module, name).mask)
+        parametrization_list(module, name).original.mul_(current.mask)
 
 
 def finalize_(model: nn.Module) -> nn.Module:
     """Bake masks into the weights and remove the masking machinery, in place; returns ``model``."""
     for _, module, name, _ in list(masks(model)):
-        others = [p for p in module.parametrizations[name] if not isinstance(p, Mask)]
+        others = [p for p in parametrization_list(module, name) if not isinstance(p, Mask)]
         if others:
             raise SparsenetsError(f"{type(module).__name__}.{name} has other parametrizations "
                              f"({[type(p).__name__ for p in others]}); remove them first")
@@ -106,7 +113,7 @@ def _rebuild_flat_weights(module: nn.Module) -> None:
 def _deepcopy_masked(module: nn.Module, memo: dict) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
-    replica = module.__new__(_own_class(type(module)))
+    replica: nn.Module = module.__new__(_own_class(type(module)))
     memo[id(module)] = replica
     replica.__dict__ = copy.deepcopy(_state(module), memo)
     _rebuild_flat_weights(replica)
@@ -117,11 +124,11 @@ def _reduce_masked(module: nn.Module, protocol: int) -> tuple:
     return _rebuild_masked, (type(module).__bases__[0], _state(module))
 
 
-def _rebuild_masked(cls: type, state: dict) -> nn.Module:
+def _rebuild_masked(cls: type[nn.Module], state: dict) -> nn.Module:
     module = cls.__new__(cls)
     module.__dict__.update(state)
     parametrize._inject_new_class(module)
-    for name in module.parametrizations:
+    for name in cast(nn.ModuleDict, module.parametrizations):
         parametrize._inject_property(module, name)
     _make_picklable(module)
     _rebuild_flat_weights(module)
@@ -129,5 +136,6 @@ def _rebuild_masked(cls: type, state: dict) -> nn.Module:
 
 
 def _make_picklable(module: nn.Module) -> None:
-    type(module).__reduce_ex__ = _reduce_masked
-    type(module).__deepcopy__ = _deepcopy_masked
+    cls: Any = type(module)  # parametrize's subclass made for this module alone
+    cls.__reduce_ex__ = _reduce_masked
+    cls.__deepcopy__ = _deepcopy_masked

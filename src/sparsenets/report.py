@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from . import batches as B
 from .activations import input_density
 from .gemm import is_hf_conv1d
-from .masking import get_mask
+from .masking import get_mask, parametrization_list
 from .targets import is_layer, weight_names
 
 
@@ -69,9 +69,10 @@ class Report:
         }
 
     def __str__(self) -> str:
-        header = ("layer", "shape", "pattern", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
-        body = [(_label(r), "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
-                 _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
+        header: tuple[str, ...] = ("layer", "shape", "pattern", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
+        body: list[tuple[str, ...]] = [
+            (_label(r), "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
+             _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
         body.append(("total", "", "", f"{self.density:.3f}", f"{self.nonzeros:,}",
                      _human(self._flops("dense_flops")), _human(self._flops("sparse_flops"))))
         if any(r.input_density is not None for r in self.rows):  # measured only when data was given
@@ -179,5 +180,5 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
 def _stored(module: nn.Module, param: str) -> torch.Tensor:
     """The tensor a weight is stored in (under a mask, the parametrization's original)."""
     if parametrize.is_parametrized(module, param):
-        return module.parametrizations[param].original
+        return parametrization_list(module, param).original
     return getattr(module, param)

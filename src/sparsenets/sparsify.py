@@ -73,6 +73,7 @@ def _keep_pruned(module: nn.Module, name: str, mask: Tensor) -> Tensor:
 def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, criterion: Criterion,
                   batches: list, loss_fn: B.LossFn | None) -> dict[str, Tensor]:
     """Masks for every member of every unit, scored on a private copy of ``model``."""
+    assert config.rounds is not None  # SparsityConfig fills in the criterion's default
     work = finalize_(copy.deepcopy(model))
     weights = {m.qualname: (work.get_submodule(m.module_name), m.param) for u in units for m in u.weights}
     current = {m.qualname: _existing_mask(m.module, m.param) for u in units for m in u.weights}
@@ -86,12 +87,14 @@ def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, c
             for name, score in scores.items():
                 if torch.isnan(score).any():
                     raise SparsenetsError(f"criterion {config.criterion!r} gave NaN scores for '{name}'")
-                if current[name] is not None:
-                    score.masked_fill_(~current[name].to(score.device), float("-inf"))
+                kept = current[name]
+                if kept is not None:
+                    score.masked_fill_(~kept.to(score.device), float("-inf"))
             masks = select(units, scores, config, fraction=r / config.rounds, row_wise=criterion.row_wise)
             for name in weights:
-                if current[name] is not None:
-                    masks[name] = masks[name] & current[name].to(masks[name].device)
+                kept = current[name]
+                if kept is not None:
+                    masks[name] = masks[name] & kept.to(masks[name].device)
             with torch.no_grad():
                 for name, (module, param) in weights.items():
                     getattr(module, param).mul_(masks[name].to(getattr(module, param).device))
@@ -109,7 +112,7 @@ def select(units: list[Unit], scores: dict[str, Tensor], config: SparsityConfig,
     """Pick what each unit keeps. ``fraction`` of the way to the target on a density-exponential
     schedule, so rounds r/R reach density d^(r/R). Elements scored −inf are already pruned: they
     go first and count towards the target."""
-    targets = layer_sparsities(units, config.sparsity, config.allocation)
+    targets = layer_sparsities(units, config.target_sparsity, config.allocation)
 
     def at_round(sparsity: float) -> float:
         return 1.0 - (1.0 - sparsity) ** fraction
@@ -117,18 +120,19 @@ def select(units: list[Unit], scores: dict[str, Tensor], config: SparsityConfig,
     masks: dict[str, Tensor] = {}
     pool = [u for u in units if targets[u.name] is None]
     for unit in units:
-        if targets[unit.name] is None:
+        target = targets[unit.name]
+        if target is None:
             continue
         if unit.pattern.selects_locally:
             masks.update(_select_local(unit, scores))
         elif row_wise and unit.pattern.elementwise:
-            masks.update(_select_rows(unit, scores, at_round(targets[unit.name])))
+            masks.update(_select_rows(unit, scores, at_round(target)))
         else:
             means, live = unit.live_groups(scores)
-            n_prune = float(live.sum()) - (1.0 - at_round(targets[unit.name])) * unit.numel
+            n_prune = float(live.sum()) - (1.0 - at_round(target)) * unit.numel
             masks.update(unit.expand(select_groups(means, live, n_prune)))
     if pool:
-        masks.update(_select_global(pool, scores, at_round(config.sparsity)))
+        masks.update(_select_global(pool, scores, at_round(config.target_sparsity)))
     return masks
 
 

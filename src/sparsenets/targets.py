@@ -12,6 +12,7 @@ import fnmatch
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,12 @@ class Member:
     def tensor(self) -> Tensor:
         return getattr(self.module, self.param)
 
+    @property
+    def ids(self) -> Tensor:
+        """``group_ids``, for a pattern that has groups."""
+        assert self.group_ids is not None, f"{self.qualname}: its pattern selects locally and has no groups"
+        return self.group_ids
+
 
 @dataclass
 class Unit:
@@ -93,7 +100,7 @@ class Unit:
     def group_sizes(self) -> Tensor:
         sizes = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
-            sizes.index_add_(0, m.group_ids.reshape(-1), torch.ones(m.group_ids.numel(), dtype=torch.float64))
+            sizes.index_add_(0, m.ids.reshape(-1), torch.ones(m.ids.numel(), dtype=torch.float64))
         return sizes
 
     def group_scores(self, scores: dict[str, Tensor]) -> Tensor:
@@ -101,7 +108,7 @@ class Unit:
         total = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
             gemm = to_gemm(m.module, scores[m.qualname]).to(torch.float64)
-            total.index_add_(0, m.group_ids.reshape(-1), gemm.reshape(-1))
+            total.index_add_(0, m.ids.reshape(-1), gemm.reshape(-1))
         return total / self.group_sizes()
 
     def live_groups(self, scores: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -112,7 +119,7 @@ class Unit:
         for m in self.weights:
             gemm = to_gemm(m.module, scores[m.qualname]).to(torch.float64).reshape(-1).cpu()
             alive = gemm != float("-inf")
-            ids = m.group_ids.reshape(-1)
+            ids = m.ids.reshape(-1)
             total.index_add_(0, ids, torch.where(alive, gemm, 0.0))
             live.index_add_(0, ids, alive.to(torch.float64))
         means = torch.where(live > 0, total / live.clamp(min=1), float("-inf"))
@@ -125,7 +132,7 @@ class Unit:
         kept = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
             mask = to_gemm(m.module, masks[m.qualname]).reshape(-1).cpu()
-            kept.index_add_(0, m.group_ids.reshape(-1), mask.to(torch.float64))
+            kept.index_add_(0, m.ids.reshape(-1), mask.to(torch.float64))
         return bool(((kept == 0) | (kept == self.group_sizes())).all())
 
     def expand(self, keep: Tensor) -> dict[str, Tensor]:
@@ -155,7 +162,7 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
     # recurrent biases stay dense: masking them would need a unit's ih and hh rows pruned together
     if pattern.masks_bias and not isinstance(module, nn.RNNBase) and getattr(module, bias_name, None) is not None:
         # the bias stacks the outputs of every weight (q|k|v for attention), row groups in order
-        bias_ids = torch.cat([m.group_ids[:, 0] for m in members])
+        bias_ids = torch.cat([m.ids[:, 0] for m in members])
         members.append(Member(name, bias_name, module, bias_ids, is_weight=False))
     return Unit(name, pattern, members, n_groups, dims)
 
@@ -172,6 +179,7 @@ def _attention_layout(module: nn.Module) -> tuple[int, int, list[tuple[nn.Module
     """(heads, head_dim, [(module, param, 'rows'|'cols'|'bias')]) for a known attention module."""
     if isinstance(module, nn.MultiheadAttention):
         heads, head_dim = module.num_heads, module.head_dim
+        parts: list[tuple[nn.Module, str, str]]
         if module._qkv_same_embed_dim:
             parts = [(module, "in_proj_weight", "rows")]
         else:
@@ -179,7 +187,9 @@ def _attention_layout(module: nn.Module) -> tuple[int, int, list[tuple[nn.Module
         if module.in_proj_bias is not None:
             parts.append((module, "in_proj_bias", "bias"))
         return heads, head_dim, parts + [(module.out_proj, "weight", "cols")]
-    self_attn, output = getattr(module, "self", None), getattr(module, "output", None)
+    hf: Any = module  # Hugging Face attention, recognised by its attributes
+    self_attn: Any = getattr(hf, "self", None)
+    output: Any = getattr(hf, "output", None)
     if self_attn is not None and hasattr(self_attn, "num_attention_heads") and hasattr(output, "dense"):
         # BERT-style: attention.self.{query,key,value} and attention.output.dense
         heads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
@@ -189,20 +199,23 @@ def _attention_layout(module: nn.Module) -> tuple[int, int, list[tuple[nn.Module
             if proj.bias is not None:
                 parts.append((proj, "bias", "bias"))
         return heads, head_dim, parts + [(output.dense, "weight", "cols")]
-    if hasattr(module, "c_attn") and hasattr(module, "c_proj") and hasattr(module, "num_heads"):
-        if getattr(module, "is_cross_attention", False):
+    if hasattr(hf, "c_attn") and hasattr(hf, "c_proj") and hasattr(hf, "num_heads"):
+        if getattr(hf, "is_cross_attention", False):
             return None
         # GPT-2-style: c_attn stacks [q; k; v] (HF Conv1D), c_proj mixes the heads back
-        parts = [(module.c_attn, "weight", "rows")]
-        if module.c_attn.bias is not None:
-            parts.append((module.c_attn, "bias", "bias"))
-        return module.num_heads, module.head_dim, parts + [(module.c_proj, "weight", "cols")]
+        parts = [(hf.c_attn, "weight", "rows")]
+        if hf.c_attn.bias is not None:
+            parts.append((hf.c_attn, "bias", "bias"))
+        return hf.num_heads, hf.head_dim, parts + [(hf.c_proj, "weight", "cols")]
     return None
 
 
 def _head_unit(name: str, module: nn.Module, module_names: dict[nn.Module, str], pattern: Pattern) -> Unit:
-    heads, head_dim, parts = _attention_layout(module)
-    members, dims = [], []
+    layout = _attention_layout(module)
+    assert layout is not None, f"{name} is not an attention module"
+    heads, head_dim, parts = layout
+    members: list[Member] = []
+    dims: list[tuple[int, ...]] = []
     for sub, param, role in parts:
         tensor = getattr(sub, param)
         if role == "bias":

@@ -9,6 +9,7 @@ import torch
 
 from ..bench import IMPLEMENTATIONS, MIN_ROUNDS, MODES, Case, machine, run, table
 from ..utils import atomic
+from ._extras import require_experiments
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -98,6 +99,7 @@ def add_commands(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    require_experiments("rich")  # the tables and progress bars; the rest of the extra is not needed
     from rich.console import Console
 
     if args.threads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -46,7 +47,7 @@ def _sample_shape(header: dict, model: torch.nn.Module, given: list[int] | None)
     first = next((m for m in model.modules() if hasattr(m, "in_features")), None)
     if first is None:
         raise ValueError("can't tell the input shape of this model: pass --input-shape")
-    return [first.in_features]
+    return [cast(int, first.in_features)]
 
 
 def _run(args: argparse.Namespace) -> int:

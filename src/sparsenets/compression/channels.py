@@ -73,7 +73,7 @@ def _call(fn: Callable, args: tuple, kwargs: dict) -> Step:
     return _apply(lambda values: fn(values, *args, **kwargs))
 
 
-def _batchnorm(norm: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> Step:
+def _batchnorm(norm: S.BatchNorm) -> Step:
     def step(values: Tensor) -> Tensor:
         if norm.running_mean is None:  # normalizes with batch statistics: not a constant map
             return torch.full_like(values, math.nan)
@@ -120,7 +120,7 @@ class ChannelGroup:
     name: str
     producer: nn.Module
     readers: list[Reader]
-    norms: list[nn.Module] = field(default_factory=list)
+    norms: list[S.BatchNorm] = field(default_factory=list)
 
 
 def shrink_group(group: ChannelGroup) -> str | None:
@@ -232,7 +232,7 @@ class _Search:
     usable: Callable[[str], bool]
     shapes: dict[nn.Module, Calls]
     readers: list[Reader] = field(default_factory=list)
-    norms: list[nn.Module] = field(default_factory=list)
+    norms: list[S.BatchNorm] = field(default_factory=list)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.root.get_submodule(cast(str, node.target))  # a call_module node's target: its name

@@ -21,6 +21,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from ..gemm import block_density, is_hf_conv1d, to_gemm
 from ..layers.csr import CSRLinear
 from ..patterns import block_shape_of
 from ..utils import atomic, cache, timing
-from .surgery import CONV_TYPES
+from .surgery import CONV_TYPES, weight_of
 
 MARGIN = 0.10  # another kernel must be this much faster than the rule's choice to replace it
 CONFIDENCE = 0.90  # of the interval for the median time ratio (each bound holds at 95 %)
@@ -62,7 +63,7 @@ class LayerChoice:
 
 
 
-def _block_classes() -> dict[type, type] | None:
+def _block_classes() -> dict[type[nn.Module], Any] | None:
     """Block-sparse layers by the layer they replace, or None where they are not installed."""
     try:
         from ..layers import block_sparse as bs
@@ -77,7 +78,7 @@ def _is_linear(module: nn.Module) -> bool:
 
 def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Module]]:
     """Builders of every kernel that can replace ``module`` exactly, keyed by kind."""
-    weight = module.weight.detach()
+    weight = weight_of(module).detach()
     gemm = to_gemm(module, weight)
     bias = getattr(module, "bias", None)
     builders: dict[str, Callable[[], nn.Module]] = {"dense": lambda: module}
@@ -97,9 +98,10 @@ def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Mod
 
 def rule(module: nn.Module, pattern: str, kinds: list[str]) -> str:
     """The density rule used without timing."""
-    gemm = to_gemm(module, module.weight.detach())
+    gemm = to_gemm(module, weight_of(module).detach())
     block = block_shape_of(pattern)
-    if "block" in kinds and min(block) >= BLOCK_MIN_SIDE and block_density(gemm, block) <= BLOCK_MAX_DENSITY:
+    if ("block" in kinds and block is not None  # "block" is a candidate only for block patterns
+            and min(block) >= BLOCK_MIN_SIDE and block_density(gemm, block) <= BLOCK_MAX_DENSITY):
         return "block"
     if "csr" in kinds and float((gemm != 0).float().mean()) <= CSR_MAX_DENSITY:
         return "csr"
@@ -108,11 +110,11 @@ def rule(module: nn.Module, pattern: str, kinds: list[str]) -> str:
 
 def _input_for(module: nn.Module, input_shape: tuple[int, ...] | None) -> Tensor | None:
     """A random input shaped like the layer's example input (after channel removal), or None."""
-    weight = module.weight
+    weight = weight_of(module)
     if isinstance(module, CONV_TYPES):
         if input_shape is None:
             return None
-        shape = (*input_shape[:-module.weight.dim() + 1], module.in_channels, *input_shape[-weight.dim() + 2:])
+        shape = (*input_shape[:-weight.dim() + 1], module.in_channels, *input_shape[-weight.dim() + 2:])
     else:
         width = weight.shape[0] if is_hf_conv1d(module) else weight.shape[1]
         shape = (*input_shape[:-1], width) if input_shape is not None else (1, width)
@@ -164,7 +166,7 @@ def _key(module: nn.Module, pattern: str, x: Tensor, density: float) -> str:
     geometry = ""
     if isinstance(module, CONV_TYPES):
         geometry = f"|k{module.kernel_size}s{module.stride}p{module.padding}d{module.dilation}"
-    return (f"{type(module).__name__}|w{tuple(module.weight.shape)}{geometry}|x{tuple(x.shape)}|{pattern}"
+    return (f"{type(module).__name__}|w{tuple(weight_of(module).shape)}{geometry}|x{tuple(x.shape)}|{pattern}"
             f"|d{density:.2f}|t{torch.get_num_threads()}|{str(x.dtype).removeprefix('torch.')}"
             f"|{x.device.type}|torch{torch.__version__}")
 
@@ -192,10 +194,11 @@ def choose(name: str, module: nn.Module, pattern: str, input_shape: tuple[int, .
 
 def _choose(name: str, module: nn.Module, pattern: str, input_shape: tuple[int, ...] | None,
             autotune: bool) -> tuple[nn.Module, LayerChoice]:
-    gemm = to_gemm(module, module.weight.detach())
+    weight = weight_of(module)
+    gemm = to_gemm(module, weight.detach())
     density = float((gemm != 0).float().mean())
     builders = candidates(module, pattern)
-    record = LayerChoice(name, type(module).__name__, pattern, tuple(module.weight.shape), density, "dense")
+    record = LayerChoice(name, type(module).__name__, pattern, tuple(weight.shape), density, "dense")
     if density > SPARSE_MAX_DENSITY or len(builders) == 1:  # no sparse kernel would win: don't time
         record.how = f"density {density:.2f}" if density > SPARSE_MAX_DENSITY else "no sparse kernel fits"
         return module, record

@@ -101,7 +101,7 @@ def compress(model: nn.Module, example_input: Any = None, *, autotune: bool = Tr
         result, report, _ = _compress(model, example_input, autotune, False)
         report.notes.insert(0, note)
     C.save_cache(disk)
-    result.compress_report = report
+    result.compress_report = report  # type: ignore[assignment]  # Module.__setattr__ accepts any value
     if verbose:
         logger.info("%s", report)
     return result

@@ -8,6 +8,8 @@ layer's output does not change.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,7 @@ from ..record import set_record
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 
 
 def is_gemm_layer(module: nn.Module) -> bool:
@@ -23,6 +26,11 @@ def is_gemm_layer(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return True
     return isinstance(module, CONV_TYPES) and module.groups == 1
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """The ``weight`` of a layer known to have one (torch types module attributes as ``Tensor | Module``)."""
+    return cast(Tensor, module.weight)
 
 
 def _out_dim(module: nn.Module) -> int:
@@ -34,29 +42,29 @@ def _in_dim(module: nn.Module) -> int:
 
 
 def n_outputs(module: nn.Module) -> int:
-    return module.weight.shape[_out_dim(module)]
+    return weight_of(module).shape[_out_dim(module)]
 
 
 def n_inputs(module: nn.Module) -> int:
-    return module.weight.shape[_in_dim(module)]
+    return weight_of(module).shape[_in_dim(module)]
 
 
 def dead_outputs(module: nn.Module) -> Tensor:
     """Bool per output: its weights are all zero, so it always outputs its bias (or 0)."""
-    weight = module.weight.detach().movedim(_out_dim(module), 0)
+    weight = weight_of(module).detach().movedim(_out_dim(module), 0)
     return ~weight.reshape(weight.shape[0], -1).any(dim=1)
 
 
 def bias_or_zeros(module: nn.Module) -> Tensor:
     bias = getattr(module, "bias", None)
     if bias is None:
-        return module.weight.new_zeros(n_outputs(module))
+        return weight_of(module).new_zeros(n_outputs(module))
     return bias.detach().clone()
 
 
 def unused_inputs(module: nn.Module, spread: int = 1) -> Tensor:
     """Bool per input channel (``spread`` consecutive inputs each): all its weights are zero."""
-    weight = module.weight.detach().movedim(_in_dim(module), 0)
+    weight = weight_of(module).detach().movedim(_in_dim(module), 0)
     return ~weight.reshape(weight.shape[0] // spread, -1).any(dim=1)
 
 
@@ -71,16 +79,17 @@ def _replace(module: nn.Module, name: str, value: Tensor) -> None:
 
 def keep_outputs(module: nn.Module, keep: Tensor) -> None:
     """Keep only the outputs ``keep`` (sorted indices) of a GEMM layer."""
-    _replace(module, "weight", module.weight.detach().index_select(_out_dim(module), keep))
-    if getattr(module, "bias", None) is not None:
-        _replace(module, "bias", module.bias.detach()[keep])
+    _replace(module, "weight", weight_of(module).detach().index_select(_out_dim(module), keep))
+    bias: Tensor | None = getattr(module, "bias", None)
+    if bias is not None:
+        _replace(module, "bias", bias.detach()[keep])
     _set_size(module, "out", keep.numel())
 
 
 def keep_inputs(module: nn.Module, keep: Tensor, spread: int = 1) -> None:
     """Keep only the input channels ``keep`` of a GEMM layer (each ``spread`` inputs wide)."""
     columns = (keep[:, None] * spread + torch.arange(spread, device=keep.device)).reshape(-1)
-    _replace(module, "weight", module.weight.detach().index_select(_in_dim(module), columns))
+    _replace(module, "weight", weight_of(module).detach().index_select(_in_dim(module), columns))
     _set_size(module, "in", columns.numel())
 
 
@@ -104,13 +113,13 @@ def can_fold(module: nn.Module) -> bool:
 
 def fold_constant_inputs(module: nn.Module, channels: Tensor, values: Tensor, spread: int = 1) -> None:
     """Add to the bias what input ``channels`` contribute when they hold ``values`` (constants)."""
-    weight = module.weight.detach().movedim(_in_dim(module), 1)  # out × in × ...
+    weight = weight_of(module).detach().movedim(_in_dim(module), 1)  # out × in × ...
     weight = weight.reshape(weight.shape[0], weight.shape[1] // spread, -1)  # out × channel × rest
     contribution = (weight[:, channels] * values.to(weight.dtype)[None, :, None]).sum(dim=(1, 2))
     bias = getattr(module, "bias", None)
     if bias is None:
         set_record(module, resized=True)
-        module.bias = nn.Parameter(contribution, requires_grad=module.weight.requires_grad)
+        module.bias = nn.Parameter(contribution, requires_grad=weight_of(module).requires_grad)
     else:
         _replace(module, "bias", bias.detach() + contribution)
 
@@ -121,7 +130,7 @@ def merge_constant_inputs(module: nn.Module, target: int, sources: Tensor, value
     Constant planes (zero-padded alike) are multiples of each other, so weights move over
     scaled by ``values[source] / values[target]``; the sources can then be removed.
     """
-    weight = module.weight.detach().clone()
+    weight = weight_of(module).detach().clone()
     dim = _in_dim(module)
     scale = (values[sources] / values[target]).to(weight.dtype)
     moved = (weight.index_select(dim, sources) * scale.reshape([-1 if d == dim else 1 for d in range(weight.dim())]))
@@ -129,7 +138,7 @@ def merge_constant_inputs(module: nn.Module, target: int, sources: Tensor, value
     _replace(module, "weight", weight)
 
 
-def keep_batchnorm_channels(norm: nn.Module, keep: Tensor) -> None:
+def keep_batchnorm_channels(norm: BatchNorm, keep: Tensor) -> None:
     for name in ("weight", "bias", "running_mean", "running_var"):
         if getattr(norm, name, None) is not None:
             _replace(norm, name, getattr(norm, name).detach()[keep])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import numpy as np
 import torch
@@ -73,7 +73,8 @@ def mnist1d(num_samples: Annotated[int, Field(ge=10)] = 5000, train_split: Fract
     path = cache_dir() / "data" / f"mnist1d-n{num_samples}-split{train_split:g}-seed{seed}.npz"
     if not path.exists():
         arrays = _generate_mnist1d(num_samples, train_split, seed)
-        atomic.write_with(path, lambda file: np.savez(file, **arrays))
+        # cast: to numpy's stubs, any key of **arrays could be savez's own allow_pickle (none is)
+        atomic.write_with(path, lambda file: np.savez(file, **cast(dict[str, Any], arrays)))
     with np.load(path) as arrays:
         return _tensors("mnist1d", arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], 10)
 

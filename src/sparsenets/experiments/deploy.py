@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -25,6 +25,9 @@ from ..models import build_model
 from ..utils import atomic, timing
 from .data import load_dataset
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 BATCH = 1024
 REPEATS = 30
@@ -50,7 +53,8 @@ def _median_ms(dense: nn.Module, fast: nn.Module, x: torch.Tensor) -> tuple[floa
     return ms["dense"], ms["fast"]
 
 
-def compress_winning_ticket(run_dir: RunDir, recipe, results: dict[str, Any], console: Console) -> dict[str, Any] | None:
+def compress_winning_ticket(run_dir: RunDir, recipe: Recipe, results: dict[str, Any],
+                            console: Console) -> dict[str, Any] | None:
     """Compress, time and save the winning ticket; writes ``compressed.json`` and returns it."""
     level = winning_level(results)
     if level is None:

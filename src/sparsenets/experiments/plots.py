@@ -11,6 +11,7 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,7 @@ def write_all(run_dir: RunDir, results: dict[str, Any], makers: dict[str, Maker]
             figure = make(results, history)
             if figure is None:
                 continue
-            atomic.write_with(path, lambda file, figure=figure: figure.savefig(file, format="png", dpi=120,
-                                                                               bbox_inches="tight"))
+            atomic.write_with(path, partial(figure.savefig, format="png", dpi=120, bbox_inches="tight"))
         written.append(path)
     return written
 

@@ -195,7 +195,7 @@ def _method(value: Any) -> tuple[Protocol | None, Any, list[str]]:
     if value is None:
         return None, None, [f"method: required, e.g. {_EXAMPLES['method']}; one of {', '.join(sorted(PROTOCOLS))}"]
     name, problems = _named_name(value, "method", "method", sorted(PROTOCOLS))
-    if problems:
+    if name is None:
         return None, None, problems
     protocol = PROTOCOLS[name]
     options, problems = check(protocol.Options, _without_name(value), "method", leading=("name",))
@@ -234,14 +234,17 @@ def _named(section: str, value: Any, registry: Registry) -> tuple[dict[str, Any]
     """A ``{name: ..., **options}`` section, with the options checked against the factory's signature."""
     value = {"name": value} if isinstance(value, str) else value
     name, problems = _named_name(value, section, registry.kind, registry.names())
-    if problems:
+    if name is None:
         return None, problems
     schema = options_schema(registry.factory(name), registry.fixed, f"{section} {name}")
     options, problems = check(schema, _without_name(value), section, leading=("name",))
-    return (None if problems else {"name": name, **options.model_dump()}), problems
+    if options is None:
+        return None, problems
+    return {"name": name, **options.model_dump()}, problems
 
 
 def _named_name(value: Any, section: str, kind: str, names: list[str]) -> tuple[str | None, list[str]]:
+    """The name a section gives, or None and the problems."""
     if not isinstance(value, dict):
         return None, [f"{section}: must be a mapping with a name, e.g. {_EXAMPLES[section]}; got {value!r}"]
     name = value.get("name")

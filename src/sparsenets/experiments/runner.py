@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,21 @@ class RunContext:
 
     def __init__(self, recipe: Recipe, data: Dataset | None, run_dir: RunDir, progress: Progress | None = None) -> None:
         self.recipe, self.data, self.run_dir, self.progress = recipe, data, run_dir, progress
-        trains = data is not None and recipe.train is not None
-        self.steps_per_epoch = -(-len(data.y_train) // recipe.train.batch_size) if trains else 0
+        self.steps_per_epoch = 0
+        if data is not None and recipe.train is not None:
+            self.steps_per_epoch = -(-len(data.y_train) // recipe.train.batch_size)
+
+    @property
+    def dataset(self) -> Dataset:
+        """``data``, for what needs it: building, calibrating, training and measuring models."""
+        if self.data is None:
+            raise RuntimeError(f"method {self.recipe.method['name']!r} uses no data set")
+        return self.data
 
     def new_model(self, init_seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            return build_model(self.recipe.model["name"], self.data.input_shape, self.data.num_classes,
+            return build_model(self.recipe.model["name"], self.dataset.input_shape, self.dataset.num_classes,
                                **self.recipe.options("model"))
 
     def restore(self, key: str) -> nn.Module:
@@ -73,26 +82,27 @@ class RunContext:
 
     def calibration(self, seed: int) -> list:
         """A few training batches for criteria that score with data (snip, grasp, taylor, wanda)."""
-        return list(itertools.islice(batches(self.data, self.recipe.train.batch_size, seed), CALIBRATION_BATCHES))
+        return list(itertools.islice(batches(self.dataset, self.recipe.train.batch_size, seed), CALIBRATION_BATCHES))
 
     def extra(self, key: str) -> dict[str, Any]:
         return self.run_dir.load_checkpoint(key)["extra"]
 
-    def train(self, model: nn.Module, job: Job, hooks: list = (), start_step: int = 0,
+    def train(self, model: nn.Module, job: Job, hooks: Sequence[Any] = (), start_step: int = 0,
               config: TrainConfig | None = None) -> list[dict[str, float]]:
-        trainer = Trainer(model, self.data, config or self.recipe.train, seed=job.seed, hooks=hooks)
-        if self.progress is not None:
-            task = self.progress.add_task(f"  {job.key}", total=trainer.total_steps - start_step)
-            trainer.on_step = lambda step: self.progress.advance(task)
+        trainer = Trainer(model, self.dataset, config or self.recipe.train, seed=job.seed, hooks=hooks)
+        progress = self.progress
+        if progress is None:
+            return trainer.fit(start_step)
+        task = progress.add_task(f"  {job.key}", total=trainer.total_steps - start_step)
+        trainer.on_step = lambda step: progress.advance(task)
         try:
             return trainer.fit(start_step)
         finally:
-            if self.progress is not None:
-                self.progress.remove_task(task)
+            progress.remove_task(task)
 
     def result_row(self, job: Job, outcome: Outcome) -> dict[str, Any]:
         """The default result of a job: densities, final accuracy and losses, activation densities."""
-        return result_row(job, outcome.model, outcome.history, self.data.x_test[:PROBE_SAMPLES])
+        return result_row(job, outcome.model, outcome.history, self.dataset.x_test[:PROBE_SAMPLES])
 
     def check(self, protocol: Protocol) -> None:
         """Fail before anything is written if the model can't be built, can't take the sparsity config,

@@ -48,7 +48,8 @@ def check(schema: type[BaseModel], value: Any, where: str,
 
 def describe(err: ValidationError, schema: type[BaseModel], where: str, leading: tuple[str, ...] = ()) -> list[str]:
     """One line per problem; unknown keys of one mapping are named together with the valid ones."""
-    problems, unknown = [], {}
+    problems: list[str] = []
+    unknown: dict[tuple, list[str]] = {}
     for error in err.errors():
         loc = tuple(error["loc"])
         if error["type"] == "extra_forbidden":
@@ -91,7 +92,7 @@ def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
 def options_schema(factory: Any, fixed: tuple[str, ...], title: str) -> type[BaseModel]:
     """A strict section model from a factory's signature: its annotations (with ``Field`` ranges) and defaults."""
     hints = _hints(factory)
-    fields = {}
+    fields: dict[str, Any] = {}  # name → (annotation, default)
     for parameter in inspect.signature(factory).parameters.values():
         if parameter.name in fixed or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue

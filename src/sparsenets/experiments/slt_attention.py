@@ -12,12 +12,13 @@ fall roughly exponentially in the hidden size.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..methods.edgepopup import edge_popup_, finalize_
 from .schema import Fraction, PositiveFloat, PositiveInt, Section
@@ -103,7 +104,8 @@ def search(target: nn.MultiheadAttention, multiplier: int, config: SLTAttentionC
     scores = edge_popup_(source, config.density, init=config.init, seed=seed)
     with torch.no_grad():
         for layer in (source.q, source.k, source.v, source.out):
-            layer.parametrizations.weight.original.mul_(config.weight_scale)
+            weight = cast(nn.ModuleDict, layer.parametrizations)["weight"]
+            cast(ParametrizationList, weight).original.mul_(config.weight_scale)
     optimizer = torch.optim.Adam(scores, lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     generator = torch.Generator().manual_seed(seed)
@@ -120,4 +122,4 @@ def search(target: nn.MultiheadAttention, multiplier: int, config: SLTAttentionC
         error = (source(x) - want).pow(2).mean() / want.pow(2).mean()
     stats = {"hidden": multiplier * d, "multiplier": multiplier, "relative_mse": error.item(),
              "final_train_mse": loss.item()}
-    return finalize_(source, as_masks=True), stats
+    return cast(WideAttention, finalize_(source, as_masks=True)), stats

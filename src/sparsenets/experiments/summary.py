@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def protocol_of(results: dict[str, Any]) -> Protocol:
     """The protocol that wrote ``results`` (the base defaults for an unknown one)."""
-    return PROTOCOLS.get(results.get("method"), Protocol())
+    return PROTOCOLS.get(results.get("method", ""), Protocol())
 
 
 def _metrics() -> dict[str, str]:

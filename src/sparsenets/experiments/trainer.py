@@ -16,7 +16,7 @@ import math
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checked, problems = check(TrainSchema, {f.name: getattr(self, f.name) for f in fields(self)}, "")
-        if problems:
+        if checked is None:
             raise ConfigError("; ".join(problems))
         for key, value in checked.model_dump().items():
             setattr(self, key, value)
@@ -78,20 +78,24 @@ class TrainConfig:
 
 def _schema() -> type[Section]:
     hints = typing.get_type_hints(TrainConfig, include_extras=True)
-    return create_model("train", __base__=Section, **{
+    definitions: dict[str, Any] = {  # name → (annotation, default)
         f.name: (hints[f.name], f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
-        for f in fields(TrainConfig)})
+        for f in fields(TrainConfig)}
+    return create_model("train", __base__=Section, **definitions)
 
 
 def validated(data: dict[str, Any], where: str = "") -> dict[str, Any]:
     """A train section's values, checked; raises :class:`ConfigError` listing every problem."""
     checked, problems = check(TrainSchema, data, where)
-    if problems:
+    if checked is None:
         raise ConfigError("; ".join(problems))
     return checked.model_dump()
 
 
-TrainSchema = _schema()  # the train section of a recipe, field for field TrainConfig's
+if TYPE_CHECKING:  # a model made at run time: to the type checker, a section like any other
+    TrainSchema = Section
+else:
+    TrainSchema = _schema()  # the train section of a recipe, field for field TrainConfig's
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -13,7 +13,7 @@ import inspect
 import json
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -172,7 +172,7 @@ def given_model(model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
 
 def sparse_layer(dense: nn.Module, spec: dict, mask: Tensor) -> nn.Module:
     """The sparse kernel ``compress`` chose (``spec["kind"]``), rebuilt from the loaded dense layer."""
-    weight, bias = dense.weight.detach(), getattr(dense, "bias", None)
+    weight, bias = cast(Tensor, dense.weight).detach(), getattr(dense, "bias", None)
     if is_hf_conv1d(dense):
         weight, mask = weight.t(), mask.t()
     kind = spec["kind"]

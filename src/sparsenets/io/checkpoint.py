@@ -47,11 +47,15 @@ SECTIONS = ("architecture", "tensors", "aliases", "masks", "replaced", "records"
 
 
 
-def _replacement_state(path: str, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
-    """A sparse layer's weight as the dense layer it replaced would hold it, with its structure."""
+def _replacement_state(path: str, module: Any) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """A sparse layer's weight as the dense layer it replaced would hold it, with its structure.
+
+    ``module`` is any sparse kernel layer (:func:`~.architecture.is_replacement`): it has ``dense_weight()``.
+    """
     weight = module.dense_weight().detach()
     mask = module.mask() if hasattr(module, "mask") else _structure_mask(module)
-    if get_record(module).origin["class"] == A.HF_CONV1D:
+    origin = get_record(module).origin
+    if origin is not None and origin["class"] == A.HF_CONV1D:
         weight, mask = weight.t(), mask.t()
     prefix = f"{path}." if path else ""
     state = {f"{prefix}weight": weight}
@@ -63,7 +67,7 @@ def _replacement_state(path: str, module: nn.Module) -> tuple[dict[str, Tensor],
     return state, {f"{prefix}weight": mask}, spec
 
 
-def _structure_mask(module: nn.Module) -> Tensor:
+def _structure_mask(module: Any) -> Tensor:
     """Which entries a block-sparse layer stores: every element of its kept blocks."""
     from ..kernels import scatter_blocks
 

@@ -60,13 +60,13 @@ class BlockLayout:
         t_block = torch.sort(col_idx, stable=True).indices
         counts = torch.bincount(col_idx, minlength=n_cols)
         t_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(out_features, in_features, tuple(block), row_ptr, col_idx, row_idx,
+        return cls(out_features, in_features, (block[0], block[1]), row_ptr, col_idx, row_idx,
                    t_ptr, row_idx[t_block].contiguous(), t_block.contiguous())
 
     @classmethod
     def from_mask(cls, mask: Tensor, block: tuple[int, int]) -> BlockLayout:
         """Keep every block of an ``out × in`` boolean mask that has any True."""
-        return cls.from_keep(block_keep(mask, block), tuple(mask.shape), block)
+        return cls.from_keep(block_keep(mask, block), (mask.shape[0], mask.shape[1]), block)
 
     @classmethod
     def from_keep(cls, keep: Tensor, shape: tuple[int, int], block: tuple[int, int]) -> BlockLayout:

@@ -77,6 +77,8 @@ class Method:
         return report(self.model).density
 
 
+
+
 def config_at(config: SparsityConfig, sparsity: float) -> SparsityConfig | None:
     """The config for an intermediate target ``sparsity`` on the way to ``config``.
 
@@ -85,16 +87,16 @@ def config_at(config: SparsityConfig, sparsity: float) -> SparsityConfig | None:
     nearest the target density, as N:M takes no other densities). None when nothing would be
     pruned yet.
     """
-    final = config.sparsity
+    final, final_pattern = config.target_sparsity, config.target_pattern
     if not 0.0 <= sparsity <= final + 1e-12:
         raise ConfigError(f"intermediate sparsity {sparsity!r} is outside [0, {final:g}] (the config's target)")
     scale = sparsity / final if final > 0 else 0.0
-    pattern = config.pattern.at_density(1.0 - sparsity)
+    pattern = final_pattern.at_density(1.0 - sparsity)
     if pattern is None:
         return None
     if pattern.fixed_density is not None:
         sparsity = 1.0 - pattern.fixed_density
-    overrides = {glob: _override_at(value, config.pattern, scale) for glob, value in config.overrides.items()}
+    overrides = {glob: _override_at(value, final_pattern, scale) for glob, value in config.overrides.items()}
     return dataclasses.replace(config, sparsity=sparsity, pattern=pattern, overrides=overrides)
 
 

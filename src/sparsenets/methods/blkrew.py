@@ -33,6 +33,7 @@ from ..batches import LossFn
 from ..config import SparsityConfig
 from ..errors import ConfigError, PatternError
 from ..gemm import from_gemm, to_gemm
+from ..masking import parametrization_list
 from ..targets import Member, find_units
 from .base import Method
 
@@ -65,7 +66,7 @@ class BlockReweighted(Method):
             raise ConfigError(f"prune_at must be >= 0, got {prune_at!r}")
         if not isinstance(decoupled, bool):
             raise ConfigError(f"decoupled must be True or False, got {decoupled!r}")
-        if self.config.pattern.selects_locally:
+        if self.config.target_pattern.selects_locally:
             raise PatternError(f"pattern {self.config.pattern} has no groups to penalise; "
                                f"use block:Rx1 or block:1xC")
         self.strength, self.eps = float(strength), float(eps)
@@ -82,7 +83,7 @@ class BlockReweighted(Method):
         with torch.no_grad():
             for m in self.members:
                 gemm = to_gemm(m.module, m.tensor().detach()).to(torch.float64)
-                ids = m.group_ids.to(gemm.device)
+                ids = m.ids.to(gemm.device)
                 norms = torch.zeros(int(ids.max()) + 1, dtype=torch.float64, device=gemm.device)
                 norms.index_add_(0, ids.reshape(-1), gemm.reshape(-1) ** 2)
                 coefficient = (1.0 / (norms + self.eps))[ids]
@@ -95,7 +96,7 @@ class BlockReweighted(Method):
 
     def apply(self) -> None:
         """Hard-prune to the config's sparsity; the penalty stops."""
-        self.prune(self.config.sparsity)
+        self.prune(self.config.target_sparsity)
         self.done = True
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -136,8 +137,8 @@ class BlockReweighted(Method):
                 weight.div_(1 + 2 * group["lr"] * self.strength * self.coefficients[m.qualname])
 
 
-def _parameter(member: Member) -> nn.Parameter:
+def _parameter(member: Member) -> Tensor:
     """The trained tensor behind a weight: the original under a mask, else the weight itself."""
     if parametrize.is_parametrized(member.module, member.param):
-        return member.module.parametrizations[member.param].original
-    return getattr(member.module, member.param)
+        return parametrization_list(member.module, member.param).original
+    return member.tensor()

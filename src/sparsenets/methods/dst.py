@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError, PatternError
-from ..masking import get_mask
+from ..masking import Mask, get_mask, parametrization_list
 from ..sparsify import sparsify_
 from ..targets import Unit, find_units
 from .base import Method
@@ -48,10 +48,18 @@ from .base import Method
 
 def _config(config: SparsityConfig | dict | str) -> SparsityConfig:
     config = as_config(config)
-    if not config.pattern.supports_rewiring:
+    if not config.target_pattern.supports_rewiring:
         raise PatternError(f"sparse training supports the unstructured and block:RxC patterns, "
                            f"not {str(config.pattern)!r}")
     return config
+
+
+def _mask(module: nn.Module, name: str) -> Mask:
+    """The mask on ``module.<name>``, which the method put on every weight it rewires."""
+    mask = get_mask(module, name)
+    if mask is None:
+        raise RuntimeError(f"{type(module).__name__}.{name} has no mask to rewire (was it finalized?)")
+    return mask
 
 
 class StaticSparse(Method):
@@ -129,7 +137,7 @@ class DynamicSparse(StaticSparse):
         self.updates.append({"step": step, "fraction": fraction, "moved": moved})
 
     def _update_unit(self, unit: Unit, fraction: float, grow_scores: Tensor) -> int:
-        active = unit.group_scores({m.qualname: get_mask(m.module, m.param).mask.cpu().double()
+        active = unit.group_scores({m.qualname: _mask(m.module, m.param).mask.cpu().double()
                                     for m in unit.weights}) > 0.5
         magnitude = unit.group_scores({m.qualname: m.tensor().abs().cpu() for m in unit.weights})
         sizes = unit.group_sizes()
@@ -150,8 +158,8 @@ class DynamicSparse(StaticSparse):
 
     def _apply(self, module: nn.Module, name: str, new_mask: Tensor) -> int:
         """Write the new mask in place; zero the weights that left or joined and the joiners' optimizer state."""
-        mask = get_mask(module, name)
-        original = module.parametrizations[name].original
+        mask = _mask(module, name)
+        original = parametrization_list(module, name).original
         new_mask = new_mask.to(mask.mask.device)
         grown = new_mask & ~mask.mask
         changed = new_mask ^ mask.mask
@@ -197,7 +205,7 @@ class RigL(DynamicSparse):
         if self.is_update_step(next_step):
             for unit in self.units:
                 for m in unit.weights:
-                    mask = get_mask(m.module, m.param)
+                    mask = _mask(m.module, m.param)
                     self._handles.append(mask.register_forward_hook(self._capture_hook(m.qualname)))
 
     def _capture_hook(self, qualname: str):

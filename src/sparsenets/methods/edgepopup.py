@@ -37,7 +37,7 @@ from ..batches import LossFn
 from ..config import SparsityConfig
 from ..errors import ConfigError, PatternError
 from ..gemm import from_gemm, to_gemm
-from ..masking import _make_picklable, attach
+from ..masking import _make_picklable, attach, parametrization_list
 from ..patterns import Pattern, parse_pattern
 from ..targets import DEFAULT_MODULE_TYPES, is_layer, name_matches, weight_names
 from .base import Method
@@ -66,6 +66,8 @@ class ScoreMask(nn.Module):
     ``group_ids`` maps each weight element (in the weight's own shape) to its group;
     ``scores`` holds one learnable score per group.
     """
+
+    group_ids: Tensor
 
     def __init__(self, scores: Tensor, group_ids: Tensor, density: float, pattern: str = "unstructured") -> None:
         super().__init__()
@@ -103,8 +105,9 @@ def _tensors(model: nn.Module, module_types: Sequence[str], include: Sequence[st
     def selected(name: str) -> bool:
         return (not include or name_matches(name, list(include))) and not name_matches(name, list(exclude))
 
+    types = tuple(module_types)
     for name, module in model.named_modules():
-        if not is_layer(module, module_types) or not selected(name):
+        if not is_layer(module, types) or not selected(name):
             continue
         for param in weight_names(module):
             yield name, module, param
@@ -186,7 +189,7 @@ def edge_popup_(model: nn.Module, density: float, init: str = "signed_constant",
             initial = (torch.rand(n_groups, generator=generator) * 2 - 1) * bound
         popup = ScoreMask(initial, ids, density, pattern.name)
         parametrize.register_parametrization(module, param, popup)
-        module.parametrizations[param].original.requires_grad_(False)
+        parametrization_list(module, param).original.requires_grad_(False)
         _make_picklable(module)
         found.append(popup.scores)
     return found
@@ -221,7 +224,7 @@ def finalize_(model: nn.Module, as_masks: bool = False) -> nn.Module:
     Weights become trainable again either way.
     """
     for _, module, name, popup in list(popups(model)):
-        if len(module.parametrizations[name]) > 1:
+        if len(parametrization_list(module, name)) > 1:
             raise ConfigError(f"{type(module).__name__}.{name} has other parametrizations; remove them first")
         mask = popup.mask()
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -256,7 +259,7 @@ class EdgePopup(Method):
         if unsupported:
             raise ConfigError(f"edge-popup keeps the same fraction of every layer; it does not take "
                               f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}")
-        self.scores = edge_popup_(model, 1.0 - c.sparsity, init=init, seed=c.seed, pattern=c.pattern,
+        self.scores = edge_popup_(model, 1.0 - c.target_sparsity, init=init, seed=c.seed, pattern=c.pattern,
                                   scores=scores, module_types=c.module_types or DEFAULT_MODULE_TYPES,
                                   freeze_rest=freeze_rest, include=c.include, exclude=c.exclude)
 

@@ -37,14 +37,15 @@ class GradualMagnitudePruning(Method):
             raise ConfigError(f"need 0 <= start <= end, got start={start!r}, end={end!r}")
         if frequency < 1:
             raise ConfigError(f"frequency must be >= 1 update, got {frequency!r}")
-        if not 0.0 <= initial_sparsity <= self.config.sparsity:
-            raise ConfigError(f"initial_sparsity must be in [0, {self.config.sparsity:g}] "
+        final = self.config.target_sparsity
+        if not 0.0 <= initial_sparsity <= final:
+            raise ConfigError(f"initial_sparsity must be in [0, {final:g}] "
                              f"(the final sparsity), got {initial_sparsity!r}")
         self.start, self.end, self.frequency = start, end, frequency
         self.initial_sparsity = initial_sparsity
 
     def sparsity_at(self, step: int) -> float:
-        return cubic_sparsity(step, self.initial_sparsity, self.config.sparsity, self.start, self.end)
+        return cubic_sparsity(step, self.initial_sparsity, self.config.target_sparsity, self.start, self.end)
 
     def is_pruning_step(self, step: int) -> bool:
         return step == self.end or (self.start <= step < self.end and (step - self.start) % self.frequency == 0)

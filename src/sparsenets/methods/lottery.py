@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..masking import get_mask
 from ..patterns import Pattern
 from ..sparsify import sparsify_
-from ..targets import find_units
+from ..targets import Member, find_units
 from .base import Method, config_at
 from .state import apply_masks, copy_masks, rewind_, snapshot
 
@@ -41,7 +41,7 @@ def level_configs(config: SparsityConfig | dict | str, prune_fraction: float = 0
     """The config of each level, one per distinct pruning step (N:M steps through n:M)."""
     config = as_config(config)
     out: list[SparsityConfig] = []
-    for sparsity in level_sparsities(config.sparsity, prune_fraction):
+    for sparsity in level_sparsities(config.target_sparsity, prune_fraction):
         level = config_at(config, sparsity)
         if level is not None and (not out or level.to_dict() != out[-1].to_dict()):
             out.append(level)
@@ -110,10 +110,14 @@ def layer_sparsities(model: nn.Module, config: SparsityConfig) -> dict[str, floa
     """The sparsity each unit of ``config`` has on ``model`` now, by unit (layer) name."""
     out = {}
     for unit in find_units(model, config):
-        kept = sum(int(get_mask(m.module, m.param).mask.sum()) if get_mask(m.module, m.param) is not None
-                   else m.tensor().numel() for m in unit.weights)
-        out[unit.name] = 1.0 - kept / unit.numel
+        out[unit.name] = 1.0 - sum(_kept(m) for m in unit.weights) / unit.numel
     return out
+
+
+def _kept(member: Member) -> int:
+    """How many elements of a weight its mask keeps (all of them when it has no mask)."""
+    mask = get_mask(member.module, member.param)
+    return int(mask.mask.sum()) if mask is not None else member.tensor().numel()
 
 
 def random_prune(model: nn.Module, ticket: nn.Module, config: SparsityConfig | dict | str, seed: int = 0) -> nn.Module:
@@ -124,7 +128,9 @@ def random_prune(model: nn.Module, ticket: nn.Module, config: SparsityConfig | d
     overrides = {}
     # deeper names first: an override glob also matches a layer's children, and the first match wins
     for name in sorted(sparsities, key=lambda n: -n.count(".")):
-        overrides[name] = _same_level(config.pattern_for(name), sparsities[name])
+        pattern = config.pattern_for(name)
+        # None: an override of sparsity 0 keeps this layer dense in the ticket; keep it dense here too
+        overrides[name] = _same_level(pattern, sparsities[name]) if pattern is not None else {"sparsity": 0.0}
     random_config = dataclasses.replace(config, criterion="random", allocation="uniform", seed=seed,
                                         overrides=overrides, rounds=1)
     return sparsify_(model, random_config)

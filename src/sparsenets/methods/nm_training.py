@@ -38,7 +38,7 @@ from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError, PatternError
 from ..gemm import is_hf_conv1d
-from ..masking import _make_picklable, attach
+from ..masking import _make_picklable, attach, parametrization_list
 from ..patterns import NM
 from ..targets import find_units
 from .base import Method
@@ -50,6 +50,8 @@ class NMTraining(nn.Module):
     With ``straight_through`` the forward value is ``w·mask`` but the gradient reaches every
     element of ``w`` unchanged (SR-STE); otherwise pruned elements get ``scale`` times theirs.
     """
+
+    mask: Tensor
 
     def __init__(self, weight: Tensor, n: int, m: int, transposed: bool = False,
                  straight_through: bool = False) -> None:
@@ -86,10 +88,11 @@ def _select(scores: Tensor, n: int, m: int) -> Tensor:
 
 
 def _nm_pattern(config: SparsityConfig) -> NM:
-    if config.pattern.n_m is None:
+    n_m = config.target_pattern.n_m
+    if n_m is None:
         raise PatternError(f"N:M training needs an N:M pattern such as '2:4' or '1:16', "
                            f"got {str(config.pattern)!r}")
-    return NM(*config.pattern.n_m)
+    return NM(*n_m)
 
 
 class NMMethod(Method):
@@ -173,7 +176,7 @@ class NMMethod(Method):
 
 
 def _dense(module: nn.Module, name: str) -> Tensor:
-    return module.parametrizations[name].original.detach()
+    return parametrization_list(module, name).original.detach()
 
 
 class SRSTE(NMMethod):
@@ -190,7 +193,7 @@ class SRSTE(NMMethod):
 
     def before_optimizer_step(self, step: int) -> None:
         for module, name, p in self.parametrizations:
-            original = module.parametrizations[name].original
+            original = parametrization_list(module, name).original
             if original.grad is not None:
                 original.grad.add_(self.decay * original.detach() * ~p.mask)
 

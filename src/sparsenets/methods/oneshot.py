@@ -29,7 +29,7 @@ class OneShot(Method):
         self.done = False
 
     def apply(self) -> None:
-        self.prune(self.config.sparsity)
+        self.prune(self.config.target_sparsity)
         self.done = True
 
     def on_train_begin(self, model: nn.Module, optimizer) -> None:

@@ -7,18 +7,20 @@ so a state can move between a dense and a masked copy of the same architecture.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..masking import attach, get_mask, masks
+from ..masking import attach, get_mask, masks, parametrization_list
 
 
 def _tensor_names(module: nn.Module) -> list[str]:
     names = [n for n, t in module._parameters.items() if t is not None]
     names += [n for n, t in module._buffers.items() if t is not None]
     if parametrize.is_parametrized(module):
-        names += list(module.parametrizations)
+        names += list(cast(nn.ModuleDict, module.parametrizations))
     return names
 
 
@@ -42,7 +44,7 @@ def rewind_(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         module = model.get_submodule(module_name)
         mask = get_mask(module, name)
         if mask is not None:
-            module.parametrizations[name].original.copy_(value * mask.mask)
+            parametrization_list(module, name).original.copy_(value * mask.mask)
         else:
             getattr(module, name).copy_(value)
     return model

@@ -18,7 +18,7 @@ resumable for free. A protocol declares, in its own file:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from typing import Protocol as Interface
@@ -48,6 +48,13 @@ class Job:
     @property
     def key(self) -> str:
         return f"seed{self.seed}-{self.arm}" + (f"-{self.level:02d}" if self.arm != "dense" else "")
+
+    @property
+    def parent_key(self) -> str:
+        """``parent``, for a job that starts from another's checkpoint (an error for one that doesn't)."""
+        if self.parent is None:
+            raise ValueError(f"job {self.key} starts from no other job's checkpoint")
+        return self.parent
 
 
 @dataclass
@@ -86,7 +93,7 @@ class Context(Interface):
     def restore(self, key: str) -> nn.Module: ...
     def extra(self, key: str) -> dict[str, Any]: ...
     def calibration(self, seed: int) -> list: ...
-    def train(self, model: nn.Module, job: Job, hooks: list = ..., start_step: int = 0,
+    def train(self, model: nn.Module, job: Job, hooks: Sequence[Any] = ..., start_step: int = 0,
               config: TrainConfig | None = None) -> list[dict[str, float]]: ...
     def result_row(self, job: Job, outcome: Outcome) -> dict[str, Any]: ...
 
@@ -150,6 +157,7 @@ class Protocol:
 def init_seed(seed: int) -> int:
     """The seed of θ0 for an experiment seed."""
     return mix_seed(seed, "init")
+
 
 
 PROTOCOLS: dict[str, Protocol] = {}

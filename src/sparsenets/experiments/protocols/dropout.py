@@ -16,7 +16,8 @@ from .base import DENSE, Arm, Context, Job, Options, Outcome, Protocol, init_see
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-DROPOUT_ARMS = ("dense", "dropout", "sparsedrop")
+DropoutArm = Literal["dense", "dropout", "sparsedrop"]
+DROPOUT_ARMS: tuple[DropoutArm, ...] = ("dense", "dropout", "sparsedrop")
 
 
 class DropoutOptions(Options):
@@ -27,7 +28,7 @@ class DropoutOptions(Options):
     p: Fraction = 0.5
     block: PositiveInt = 32
     include: Annotated[list[str], Field(min_length=1)] | None = None
-    arms: Annotated[list[Literal["dense", "dropout", "sparsedrop"]], Field(min_length=1)] = list(DROPOUT_ARMS)
+    arms: Annotated[list[DropoutArm], Field(min_length=1)] = list(DROPOUT_ARMS)
 
 
 class InputDropout:

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from ..recipe import Recipe
 
 EDGEPOPUP = Arm("edgepopup", "edge-popup", color="tab:purple")
-ARMS = ("dense", "edgepopup", "jackpot")
+EdgePopupArm = Literal["dense", "edgepopup", "jackpot"]
+ARMS: tuple[EdgePopupArm, ...] = ("dense", "edgepopup", "jackpot")
 
 
 class EdgePopupOptions(Options):
@@ -27,9 +28,9 @@ class EdgePopupOptions(Options):
 
     density: Fraction = 0.5
     init: Literal["signed_constant", "kaiming_normal"] = "signed_constant"
-    search: TrainSchema = TrainSchema(optimizer="sgd", lr=0.1, momentum=0.9, epochs=40, batch_size=100,
-                                      schedule="cosine")
-    arms: Annotated[list[Literal["dense", "edgepopup", "jackpot"]], Field(min_length=1)] = list(ARMS)
+    search: TrainSchema = TrainSchema.model_validate(dict(optimizer="sgd", lr=0.1, momentum=0.9, epochs=40,
+                                                         batch_size=100, schedule="cosine"))
+    arms: Annotated[list[EdgePopupArm], Field(min_length=1)] = list(ARMS)
 
     @model_validator(mode="after")
     def _jackpot_needs_dense(self) -> EdgePopupOptions:
@@ -59,7 +60,7 @@ class EdgePopupProtocol(Protocol):
             model = ctx.new_model(init_seed(job.seed))
             edge_popup_(model, options["density"], init=options["init"], seed=mix_seed(job.seed, "edgepopup") % 2**31)
         else:
-            model = ctx.restore(job.parent)
+            model = ctx.restore(job.parent_key)
             lottery_jackpot_(model, options["density"])
         history = ctx.train(model, job, config=TrainConfig(**options["search"]))
         return Outcome(finalize_(model, as_masks=True), history)

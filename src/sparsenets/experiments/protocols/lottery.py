@@ -22,7 +22,8 @@ from .base import DENSE, Arm, Context, Job, Options, Outcome, Protocol, init_see
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-CONTROLS = ("reinit", "random")
+Control = Literal["reinit", "random"]
+CONTROLS: tuple[Control, ...] = ("reinit", "random")
 
 
 class LotteryOptions(Options):
@@ -32,7 +33,7 @@ class LotteryOptions(Options):
 
     prune_fraction: Fraction = 0.2
     rewind_step: NonNegativeInt = 0
-    controls: list[Literal["reinit", "random"]] = list(CONTROLS)
+    controls: list[Control] = list(CONTROLS)
     controls_every: PositiveInt = 1
 
 
@@ -89,10 +90,10 @@ class LotteryProtocol(Protocol):
             previous = Job(seed, "dense")
             jobs.append(previous)
             for level, config in enumerate(levels, start=1):
-                ticket = Job(seed, "imp", level, config.sparsity, parent=previous.key)
+                ticket = Job(seed, "imp", level, config.target_sparsity, parent=previous.key)
                 jobs.append(ticket)
                 if level % options["controls_every"] == 0 or level == len(levels):
-                    jobs += [Job(seed, arm, level, config.sparsity, parent=ticket.key) for arm in options["controls"]]
+                    jobs += [Job(seed, arm, level, ticket.target, parent=ticket.key) for arm in options["controls"]]
                 previous = ticket
         return jobs
 
@@ -112,12 +113,12 @@ class LotteryProtocol(Protocol):
             return Outcome(model, history, extra={"rewind_point": ticket.rewind_point})
         rewind_point = ctx.extra(Job(job.seed, "dense").key)["rewind_point"]
         if job.arm == "imp":
-            model = ctx.restore(job.parent)
+            model = ctx.restore(job.parent_key)
             ticket_of(model, job.level - 1, rewind_point).next_level()
         elif job.arm == "reinit":
-            model = reinitialize(ctx.restore(job.parent), ctx.new_model(mix_seed(job.seed, "reinit", job.level)))
+            model = reinitialize(ctx.restore(job.parent_key), ctx.new_model(mix_seed(job.seed, "reinit", job.level)))
         else:
             model = rewind_(ctx.new_model(init_seed(job.seed)), rewind_point)
-            random_prune(model, ctx.restore(job.parent), self.levels(ctx.recipe)[job.level - 1],
+            random_prune(model, ctx.restore(job.parent_key), self.levels(ctx.recipe)[job.level - 1],
                          seed=mix_seed(job.seed, "random", job.level))
         return Outcome(model, ctx.train(model, job, start_step=rewind_step))

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from ...errors import ConfigError
 from ...methods.nm_training import SRSTE, ProgressiveNM
-from ...patterns import parse_pattern
+from ...patterns import Pattern, parse_pattern
 from ..schema import NonNegativeFloat, PositiveInt
 from .base import DENSE, Arm, Context, Job, Options, Outcome, Protocol, init_seed, register_protocol
 from .dense import train_dense
@@ -17,7 +17,8 @@ from .dense import train_dense
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-NM_ALGORITHMS = ("srste", "pgf")
+NMAlgorithm = Literal["srste", "pgf"]
+NM_ALGORITHMS: tuple[NMAlgorithm, ...] = ("srste", "pgf")
 
 
 class NMTrainingOptions(Options):
@@ -27,7 +28,7 @@ class NMTrainingOptions(Options):
     while the structure steps through ``structure_stages`` n:M (n doubling per stage, e.g. 4:16 →
     2:16 → 1:16; 1 = straight to N:M). Masks are recomputed from |w| every ``update_every`` steps."""
 
-    algorithms: Annotated[list[Literal["srste", "pgf"]], Field(min_length=1)] = list(NM_ALGORITHMS)
+    algorithms: Annotated[list[NMAlgorithm], Field(min_length=1)] = list(NM_ALGORITHMS)
     patterns: Annotated[list[str], Field(min_length=1)] | None = None
     srste_decay: NonNegativeFloat = 2e-4
     decay_epoch: PositiveInt | None = None
@@ -46,10 +47,10 @@ class NMTrainingOptions(Options):
 
     def resolve(self, recipe: Recipe) -> None:
         if self.patterns is None:
-            if recipe.sparsity.pattern.n_m is None:
-                raise ConfigError(f"patterns: give N:M patterns, or an N:M sparsity.pattern "
-                                  f"(not {recipe.sparsity.pattern})")
-            self.patterns = [recipe.sparsity.pattern.name]
+            pattern = parse_pattern(recipe.sparsity.pattern)  # a Pattern already (SparsityConfig parses it)
+            if pattern.n_m is None:
+                raise ConfigError(f"patterns: give N:M patterns, or an N:M sparsity.pattern (not {pattern})")
+            self.patterns = [pattern.name]
         if self.decay_epoch is None:  # measured best of 1/4, 1/2, 3/4 at 1:16 (docs/nm_training.md)
             self.decay_epoch = max(1, recipe.train.epochs // 2)
         if self.decay_epoch > recipe.train.epochs:
@@ -63,7 +64,7 @@ class NMTrainingProtocol(Protocol):
 
     def jobs(self, recipe: Recipe) -> list[Job]:
         options = recipe.method
-        targets = [1.0 - parse_pattern(p).fixed_density for p in options["patterns"]]
+        targets = [1.0 - n / m for n, m in map(n_m_of, options["patterns"])]
         return [job for seed in recipe.seeds for job in [
             Job(seed, "dense"), *(Job(seed, arm, i, t) for i, t in enumerate(targets, 1)
                                   for arm in options["algorithms"])]]
@@ -75,14 +76,24 @@ class NMTrainingProtocol(Protocol):
         pattern = parse_pattern(options["patterns"][job.level - 1])
         config = dataclasses.replace(ctx.recipe.sparsity, pattern=pattern, sparsity=job.target)
         model = ctx.new_model(init_seed(job.seed))
+        method: SRSTE | ProgressiveNM
         if job.arm == "srste":
             method = SRSTE(model, config, decay=options["srste_decay"], update_every=options["update_every"])
         else:
             total = ctx.recipe.train.epochs * ctx.steps_per_epoch
-            stages = [pattern.n * 2 ** k for k in reversed(range(options["structure_stages"]))]
+            n, m = n_m_of(pattern)
+            stages = [n * 2 ** k for k in reversed(range(options["structure_stages"]))]
             method = ProgressiveNM(model, config, total_steps=total,
                                    decay_end=options["decay_epoch"] / ctx.recipe.train.epochs,
-                                   structure=[n for n in stages if n < pattern.m], update_every=options["update_every"])
+                                   structure=[s for s in stages if s < m], update_every=options["update_every"])
         history = ctx.train(model, job, hooks=[method])
         method.finalize()
         return Outcome(model, history)
+
+
+def n_m_of(pattern: str | Pattern) -> tuple[int, int]:
+    """``(N, M)`` of an N:M pattern (the options hold N:M patterns only)."""
+    n_m = parse_pattern(pattern).n_m
+    if n_m is None:
+        raise ConfigError(f"{pattern} is not an N:M pattern")
+    return n_m

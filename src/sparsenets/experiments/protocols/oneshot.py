@@ -31,7 +31,7 @@ class OneShotOptions(Options):
 
 def targets(sparsities: list[float] | None, config: SparsityConfig) -> list[float]:
     """The levels' targets: the given ones, or the sparsity section's; each must suit its pattern."""
-    chosen = [config.sparsity] if sparsities is None else list(sparsities)
+    chosen = [config.target_sparsity] if sparsities is None else list(sparsities)
     for target in chosen:
         dataclasses.replace(config, sparsity=target)  # raises if the pattern fixes another sparsity
     return chosen
@@ -47,7 +47,7 @@ def finetune(model, job: Job, ctx: Context) -> Outcome:
 
 def prune_dense(job: Job, ctx: Context) -> Outcome:
     """The ``oneshot`` arm: the seed's trained dense network pruned to the job's target, fine-tuned."""
-    model = ctx.restore(job.parent)
+    model = ctx.restore(job.parent_key)
     OneShot(model, dataclasses.replace(ctx.recipe.sparsity, sparsity=job.target),
             data=ctx.calibration(job.seed)).apply()
     return finetune(model, job, ctx)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field
 
 from ...errors import ConfigError
-from ...methods import SET, RigL, StaticSparse
+from ...methods import SET, DynamicSparse, RigL, StaticSparse
 from ..schema import Fraction, PositiveInt
 from ..trainer import mix_seed
 from .base import DENSE, Arm, Context, Job, Options, Outcome, Protocol, init_seed, register_protocol
@@ -19,7 +19,9 @@ from .oneshot import targets
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-DST_ALGORITHMS = {"static": StaticSparse, "set": SET, "rigl": RigL}
+Algorithm = Literal["static", "set", "rigl"]
+DST_ALGORITHMS: tuple[Algorithm, ...] = ("static", "set", "rigl")
+REWIRING: dict[str, type[DynamicSparse]] = {"set": SET, "rigl": RigL}  # the algorithms that rewire the mask
 
 
 class SparseTrainingOptions(Options):
@@ -28,7 +30,7 @@ class SparseTrainingOptions(Options):
     every ``update_every`` steps until epoch ``end_epoch`` (default: 3/4 of training), dropping
     ``drop_fraction`` of each layer's weights (RigL: decayed on a cosine)."""
 
-    algorithms: Annotated[list[Literal["static", "set", "rigl"]], Field(min_length=1)] = list(DST_ALGORITHMS)
+    algorithms: Annotated[list[Algorithm], Field(min_length=1)] = list(DST_ALGORITHMS)
     sparsities: list[Fraction] | None = None
     update_every: PositiveInt = 100
     drop_fraction: Fraction = 0.3
@@ -64,7 +66,7 @@ class SparseTrainingProtocol(Protocol):
         if job.arm == "static":
             method = StaticSparse(model, config, data=ctx.calibration(job.seed))
         else:
-            method = DST_ALGORITHMS[job.arm](
+            method = REWIRING[job.arm](
                 model, config, update_every=options["update_every"], drop_fraction=options["drop_fraction"],
                 end_step=options["end_epoch"] * ctx.steps_per_epoch, data=ctx.calibration(job.seed))
         return Outcome(model, ctx.train(model, job, hooks=[method]))

@@ -48,6 +48,14 @@ def available() -> bool:
     return library() is not None
 
 
+def _loaded() -> ctypes.CDLL:
+    """The kernels, for callers that checked :func:`available` first."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("sparsenets: the block-sparse CPU kernels are unavailable; check available() first")
+    return lib
+
+
 def describe() -> str:
     """One line on the compiled kernels, for benchmark reports."""
     lib = library()
@@ -76,7 +84,7 @@ def _spmm(inp: Tensor, in_dim: int, out_dim: int, in_block: int, out_block: int,
     if rows == 0:
         return out
     work = rows * in_blk.numel() * in_block * out_block
-    status = library().bsp_spmm(
+    status = _loaded().bsp_spmm(
         rows, inp.data_ptr(), inp.stride(0), in_dim, out.data_ptr(), out_dim, out_dim,
         in_block, out_block, ptr.data_ptr(), in_blk.data_ptr(),
         None if blk is None else blk.data_ptr(), values.data_ptr(), int(transposed),
@@ -92,7 +100,7 @@ def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None =
     rows = x.shape[0]
     if 0 < rows < GEMV_ROWS:
         out = x.new_empty(rows, layout.out_features)
-        library().bsp_gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
+        _loaded().bsp_gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
                            layout.out_features, layout.out_features, r, c, layout.row_ptr.data_ptr(),
                            layout.col_idx.data_ptr(), values.data_ptr(),
                            None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
@@ -113,7 +121,7 @@ def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
     r, c = layout.block
     grad = torch.empty(layout.nnz, r, c, dtype=x.dtype)
     if layout.nnz:
-        library().bsp_sddmm(
+        _loaded().bsp_sddmm(
             x.shape[0], grad_out.data_ptr(), grad_out.stride(0), x.data_ptr(), x.stride(0),
             layout.out_features, layout.in_features, r, c, layout.nnz,
             layout.row_idx.data_ptr(), layout.col_idx.data_ptr(), grad.data_ptr(),
