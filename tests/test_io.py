@@ -496,3 +496,46 @@ def test_half_precision_comes_back_in_half_precision(tmp_path, dtype, compressed
         for key in want:
             assert got[key].dtype == want[key].dtype, key
             assert torch.equal(got[key], want[key]), key
+
+
+# ---- train/eval mode ----------------------------------------------------------------------------
+
+
+def _bn_model(masked: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    with torch.no_grad():  # running statistics far from a batch's own, so the two modes differ
+        for _ in range(3):
+            model(torch.randn(32, 6) * 3 + 2)
+    if masked:
+        sn.sparsify_(model, {"sparsity": 0.5})
+    return model
+
+
+def test_load_into_a_given_model_keeps_its_mode(tmp_path):
+    saved = _bn_model()  # saved in train mode
+    path = sn.save(saved, tmp_path / "bn.safetensors")
+    target = _bn_model(masked=False).eval()
+    loaded = sn.load(path, model=target)
+    assert not any(m.training for m in loaded.modules())
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        _assert_close(loaded(x), saved.eval()(x))
+
+
+def test_load_keeps_per_module_flags_of_a_given_model(tmp_path):
+    path = sn.save(_bn_model().eval(), tmp_path / "bn.safetensors")
+    target = _bn_model(masked=False).eval()
+    target[3].train()  # a mixed model: only the head in train mode
+    loaded = sn.load(path, model=target)
+    assert [m.training for m in loaded] == [False, False, False, True]
+    assert loaded[3].parametrizations.weight.training  # added modules follow their layer
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_model_load_builds_comes_back_in_its_saved_mode(tmp_path, train):
+    path = sn.save(_bn_model().train(train), tmp_path / "bn.safetensors")
+    assert all(m.training == train for m in sn.load(path).modules())
+    built = sn.load(path, model=lambda: _bn_model(masked=False).train(not train))
+    assert all(m.training == train for m in built.modules())

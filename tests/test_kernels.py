@@ -18,6 +18,7 @@ from sparsenets.kernels import (
     choose_backend,
     cpu,
     gather_blocks,
+    ops,
     scatter_blocks,
 )
 from sparsenets.kernels.cpu import build
@@ -346,3 +347,22 @@ def test_bench_help(capsys):
         main(["bench", "--help"])
     assert exited.value.code == 0
     assert "usage: sparsenets bench" in capsys.readouterr().out
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("rows", [3, 20])  # the row-by-row and the tiled forward
+def test_custom_op_matches_dense_and_passes_opcheck(rows):
+    """The op torch.compile/export record: same results, and fake/autograd registrations torch accepts."""
+    layout = random_layout(40, 70, (16, 8), 0.5, torch.Generator().manual_seed(5))
+    values = torch.randn(layout.nnz, 16, 8, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    x = torch.randn(rows, 70, requires_grad=True)
+    y = ops.linear(x, values, layout, bias, "cpu")
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, values, bias), grad_out)
+    y_ref, grads_ref = reference(x, values, layout, bias, grad_out)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    for name, got, want in zip(("x", "values", "bias"), grads, grads_ref):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+    args = (x, values, bias, ops.index_tensors(layout), 40, 70, 16, 8, "cpu")
+    torch.library.opcheck(ops.linear_op, args)

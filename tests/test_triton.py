@@ -57,3 +57,18 @@ else:
         layout = BlockLayout.from_keep(torch.ones(2, 2, dtype=torch.bool), (16, 16), (8, 8))
         with pytest.raises(ValueError, match="powers of two >= 16"):
             block_sparse_linear(torch.randn(2, 16), torch.randn(4, 8, 8), layout, backend="triton")
+
+    def test_triton_op_is_exported_as_one_node():
+        from sparsenets.layers import BlockSparseLinear
+
+        class TritonLayer(BlockSparseLinear):
+            def _gemm(self, x):
+                return block_sparse_linear(x, self.values, self.layout, self.bias, backend="triton")
+
+        layer = TritonLayer(48, 32, 16, torch.tensor([[True, False, True], [False, True, True]]))
+        x = torch.randn(5, 48)
+        program = torch.export.export(layer, (x,))
+        nodes = [n for n in program.graph.nodes if str(n.target) == "sparsenets.block_sparse_linear.default"]
+        assert len(nodes) == 1 and nodes[0].args[-1] == "triton"
+        torch.testing.assert_close(program.module()(x), F.linear(x, layer.dense_weight(), layer.bias),
+                                   atol=1e-4, rtol=1e-4)

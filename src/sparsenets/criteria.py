@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import batches as B
 from .errors import ConfigError
 from .gemm import is_hf_conv1d, to_gemm
+from .integrations import distributed
 
 Weights = dict[str, tuple[nn.Module, str]]  # qualname -> (module, param name) in the scored model
 Scores = dict[str, Tensor]
@@ -86,6 +87,7 @@ def snip(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     for batch in batches:
         for acc, g in zip(total, _zeros_for_unused(_gradients(model, weights, batch, loss_fn), weights)):
             acc += g.detach()
+    distributed.all_reduce_sum_(total)  # the gradient over every rank's batches
     return {k: (_tensor(weights, k).detach() * g).abs() for k, g in zip(weights, total)}
 
 
@@ -97,6 +99,7 @@ def taylor(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
         grads = _zeros_for_unused(_gradients(model, weights, batch, loss_fn), weights)
         for k, g in zip(weights, grads):
             total[k] += (_tensor(weights, k).detach() * g.detach()).abs()
+    distributed.all_reduce_sum_(total.values())
     return total
 
 
@@ -107,6 +110,7 @@ def grasp(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
     for batch in batches:
         for acc, grad in zip(g, _zeros_for_unused(_gradients(model, weights, batch, loss_fn), weights)):
             acc += grad.detach()
+    distributed.all_reduce_sum_(g)  # Hg needs the gradient of the whole (all ranks') loss
     hg = [torch.zeros_like(x) for x in g]
     params = [_tensor(weights, k) for k in weights]
     for batch in batches:
@@ -117,6 +121,7 @@ def grasp(model, weights: Weights, batches, loss_fn, *_: Any) -> Scores:
         for acc, h in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
             if h is not None:
                 acc += h.detach()
+    distributed.all_reduce_sum_(hg)
     return {k: _tensor(weights, k).detach() * h for k, h in zip(weights, hg)}
 
 
@@ -251,6 +256,8 @@ def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
     finally:
         for h in handles:
             h.remove()
+    # input norms over every rank's batches; dict order is the same on every rank
+    distributed.all_reduce_sum_(sq.values())
     scores = {}
     for k, (module, param) in weights.items():
         weight = getattr(module, param).detach()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import SparsenetsError
+from .integrations.distributed import like
 
 
 class Mask(nn.Module):
@@ -30,7 +31,7 @@ class Mask(nn.Module):
         self.pattern = pattern
 
     def forward(self, tensor: Tensor) -> Tensor:
-        return tensor * self.mask
+        return tensor * like(self.mask, tensor)  # a sharded (FSDP) weight takes its shard of the mask
 
     def right_inverse(self, tensor: Tensor) -> Tensor:
         return tensor
@@ -73,7 +74,8 @@ def attach(module: nn.Module, name: str, mask: Tensor, pattern: str) -> None:
         parametrize.register_parametrization(module, name, current)
         _make_picklable(module)
     with torch.no_grad():
-        parametrization_list(module, name).original.mul_(current.mask)
+        original = parametrization_list(module, name).original
+        original.mul_(like(current.mask, original))
 
 
 def finalize_(model: nn.Module) -> nn.Module:

@@ -19,14 +19,16 @@ from torch import Tensor, nn
 from . import batches as B
 from .allocation import layer_sparsities
 from .config import SparsityConfig, as_config
-from .criteria import CRITERIA, Criterion
+from .criteria import CRITERIA, Criterion, Weights
 from .errors import ConfigError, SparsenetsError
 from .gemm import from_gemm, to_gemm
+from .integrations import distributed
 from .masking import attach, finalize_, get_mask
 from .patterns import MIXED
 from .targets import Unit, find_units
 
 log = logging.getLogger(__name__)
+WEIGHT_ONLY = frozenset({"magnitude", "random"})  # criteria that never run the model
 
 
 def sparsify_(
@@ -46,6 +48,9 @@ def sparsify_(
     intersection is not the new pattern's own structure (unstructured holes inside kept blocks,
     channels or heads), the layer's pattern is recorded as ``"mixed"``, which :func:`report`
     shows and compression treats as unstructured. N:M stays N:M (fewer than N of M still is).
+
+    Under a running ``torch.distributed`` process group the call is collective (every rank calls
+    it): data-driven scores are summed over the ranks' data and every rank attaches rank 0's masks.
     """
     config = as_config(config)
     criterion = CRITERIA[config.criterion]
@@ -57,7 +62,10 @@ def sparsify_(
     new_masks = compute_masks(model, units, config, criterion, batches, loss_fn)
     for unit in units:
         for member in unit.members:
-            new_masks[member.qualname] = _keep_pruned(member.module, member.param, new_masks[member.qualname])
+            kept = _keep_pruned(member.module, member.param, new_masks[member.qualname])
+            new_masks[member.qualname] = kept.contiguous()  # may be an expanded view; the broadcast writes into it
+        # every rank scored the same reduced statistics; rank 0's masks settle any tie broken differently
+        distributed.broadcast_(new_masks[member.qualname] for member in unit.members)
         label = str(unit.pattern) if unit.conforms(new_masks) else MIXED
         for member in unit.members:
             attach(member.module, member.param, new_masks[member.qualname], label)
@@ -74,8 +82,7 @@ def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, c
                   batches: list, loss_fn: B.LossFn | None) -> dict[str, Tensor]:
     """Masks for every member of every unit, scored on a private copy of ``model``."""
     assert config.rounds is not None  # SparsityConfig fills in the criterion's default
-    work = finalize_(copy.deepcopy(model))
-    weights = {m.qualname: (work.get_submodule(m.module_name), m.param) for u in units for m in u.weights}
+    work, weights = _scoring_copy(model, units, criterion)
     current = {m.qualname: _existing_mask(m.module, m.param) for u in units for m in u.weights}
     generator = torch.Generator().manual_seed(config.seed)
     rounds = range(1, config.rounds + 1)
@@ -100,6 +107,26 @@ def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, c
                     getattr(module, param).mul_(masks[name].to(getattr(module, param).device))
             current = {name: masks[name] for name in weights}
     return masks
+
+
+def _scoring_copy(model: nn.Module, units: list[Unit], criterion: Criterion) -> tuple[nn.Module, Weights]:
+    """A plain copy of ``model`` (masks baked in) to score, and its weights by qualified name.
+
+    FSDP forbids copying a sharded model, so there the copy holds only the gathered weights:
+    enough for the criteria that score weights alone (magnitude, random).
+    """
+    if not distributed.is_sharded(model):
+        work = finalize_(copy.deepcopy(model))
+        return work, {m.qualname: (work.get_submodule(m.module_name), m.param) for u in units for m in u.weights}
+    if criterion.name not in WEIGHT_ONLY:
+        raise ConfigError(f"criterion {criterion.name!r} runs the model on a copy, which FSDP cannot make of a "
+                          f"sharded model: prune before fully_shard, or use one of {sorted(WEIGHT_ONLY)}")
+    work, weights = nn.Module(), {}
+    for m in (m for u in units for m in u.weights):
+        holder = nn.Module()
+        holder.register_buffer(m.param, distributed.full(m.tensor()).detach().clone())
+        weights[m.qualname] = (holder, m.param)
+    return work, weights
 
 
 def _existing_mask(module: nn.Module, name: str) -> Tensor | None:

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from ..experiments.recipe import load_recipe
 from ..experiments.rundir import RunDir
-from .run import execute
+from .run import add_device_option, execute
 
 # A lottery-ticket experiment on MNIST-1D sized for a couple of CPU minutes.
 # recipes/lottery_demo.yaml holds the same text (a test keeps them equal).
@@ -40,6 +40,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                "The recipe it runs is recipes/lottery_demo.yaml; print it with --show-recipe.")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--show-recipe", action="store_true", help="print the demo's recipe and exit")
+    add_device_option(demo)
     demo.set_defaults(func=_demo)
 
 
@@ -48,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(DEMO_RECIPE, end="")
         return 0
     recipe = load_recipe(DEMO_RECIPE)
-    results = execute(recipe, args.out)
+    results = execute(recipe, args.out, args.device)
     from ..experiments.deploy import compress_winning_ticket  # the kernels load only when needed
 
     with RunDir(args.out).locked() as run_dir:  # it writes ticket.safetensors into the run directory

@@ -32,16 +32,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                "see docs/experiments.md and the recipes/ directory.")
     run.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file")
     run.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    add_device_option(run)
     run.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     if not Path(args.recipe).is_file():
         raise RecipeError(f"recipe file {args.recipe!r} not found")
-    execute(load_recipe(args.recipe), args.out)
+    execute(load_recipe(args.recipe), args.out, args.device)
     return 0
 
 
-def execute(recipe: Recipe, out: str | None) -> dict[str, Any]:
-    """Run ``recipe`` into ``out`` (default ``runs/<name>``); returns its results."""
-    return run_recipe(recipe, out or Path("runs") / recipe.name, Console())
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="cpu, cuda, cuda:N or auto (CUDA if available); overrides the recipe's train.device. "
+                             "A run directory may resume on another device")
+
+
+def execute(recipe: Recipe, out: str | None, device: str | None = None) -> dict[str, Any]:
+    """Run ``recipe`` into ``out`` (default ``runs/<name>``) on ``device`` (default: the recipe's);
+    returns its results."""
+    return run_recipe(recipe, out or Path("runs") / recipe.name, Console(), device=device)

@@ -40,7 +40,10 @@ __all__ = ["CompressReport", "LayerChoice", "compress"]
 
 # Parents that read their children's weights directly instead of calling them (fast paths).
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-RTOL, ATOL = 1e-4, 1e-5
+RTOL, ATOL = 1e-4, 1e-5  # float32 (and float64): sums taken in another order
+# Half precisions round every product to 8 (bfloat16) or 11 (float16) bits: about their epsilon,
+# relative to the output's scale, is what a kernel summing in another order may change.
+TOLERANCES = {torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 logger = logging.getLogger(__name__)
 
 
@@ -262,7 +265,7 @@ def _tensors(output: Any) -> list[Tensor]:
 
 
 def _compare(expected: Any, actual: Any) -> str | None:
-    """None when outputs agree within float tolerance, else what differs."""
+    """None when outputs agree within the tolerance of their dtype (:data:`TOLERANCES`), else what differs."""
     want, got = _tensors(expected), _tensors(actual)
     if len(want) != len(got):
         return f"{len(got)} output tensors instead of {len(want)}"
@@ -271,7 +274,10 @@ def _compare(expected: Any, actual: Any) -> str | None:
             return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
         if a.is_floating_point():
             scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
-            if not torch.allclose(a, b, rtol=RTOL, atol=ATOL * scale):
+            rtol, atol = TOLERANCES.get(a.dtype, (RTOL, ATOL))
+            if b.dtype != a.dtype:
+                return f"output {i} is {b.dtype} instead of {a.dtype}"
+            if not torch.allclose(a, b, rtol=rtol, atol=atol * scale):
                 return f"output {i} differs by up to {float((a - b).abs().max()):.3g}"
         elif not torch.equal(a, b):
             return f"output {i} differs"

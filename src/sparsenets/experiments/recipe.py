@@ -16,7 +16,9 @@ collected and reported at once, as one :class:`RecipeError` with one ``section.k
 line each. The method's protocol declares which of ``data``, ``model``, ``train`` and
 ``sparsity`` it uses; the others may be left out (and are refused if given).
 :meth:`Recipe.to_dict` gives the resolved recipe, every default filled in, which a run
-directory keeps so that a rerun can tell whether it is the same experiment.
+directory keeps so that a rerun can tell whether it is the same experiment; ``train.device``
+is left out of it (a run started on one device may resume on another), and so is
+``train.precision`` when it is the default float32 (any other precision is part of the experiment).
 """
 
 from __future__ import annotations
@@ -129,7 +131,11 @@ class Recipe:
                            ("method", self.method), ("sparsity", self.sparsity)):
             if value is not None:
                 out[key] = value.to_dict() if hasattr(value, "to_dict") else value
-        return _plain(out)
+        out = _plain(out)  # copies: the recipe's own sections stay whole
+        for section in [out.get("train"), *out["method"].values()]:  # the method's own train sections too
+            if isinstance(section, dict) and {"device", "precision"} <= section.keys():
+                _drop_run_options(section)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -137,6 +143,14 @@ class Recipe:
     def options(self, section: str) -> dict[str, Any]:
         """A named section's options without its name: ``recipe.options("model")``."""
         return {k: v for k, v in getattr(self, section).items() if k != "name"}
+
+
+def _drop_run_options(train: dict[str, Any]) -> None:
+    """Leave out of a train section what doesn't change the experiment: the device (a run may
+    resume on another), and the default precision (so run directories from before it match)."""
+    del train["device"]
+    if train["precision"] == "float32":
+        del train["precision"]
 
 
 def load_recipe(source: str | os.PathLike | dict) -> Recipe:

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from .. import batches as B
 from ..activations import activation_density
 from ..errors import ConfigError
 from ..methods import apply_masks, copy_masks, rewind_, snapshot
@@ -39,6 +40,7 @@ from ..targets import find_units
 from ..utils import atomic
 from . import plots, summary
 from .data import Dataset, load_dataset
+from .devices import check_precision, resolve_device
 from .protocols import PROTOCOLS, Job, Outcome, Protocol
 from .recipe import Recipe, RecipeError
 from .rundir import RunDir
@@ -54,10 +56,14 @@ class RunContext:
     """What protocols use to build, restore and train models (see ``protocols.Context``).
 
     ``data`` is None for a protocol that uses no data set (its recipe has no data section).
+    Models live on ``device`` (initialised on the CPU, so every device starts from the same
+    weights); checkpoints hold CPU tensors.
     """
 
-    def __init__(self, recipe: Recipe, data: Dataset | None, run_dir: RunDir, progress: Progress | None = None) -> None:
+    def __init__(self, recipe: Recipe, data: Dataset | None, run_dir: RunDir, progress: Progress | None = None,
+                 device: torch.device | None = None) -> None:
         self.recipe, self.data, self.run_dir, self.progress = recipe, data, run_dir, progress
+        self.device = device or torch.device("cpu")
         self.steps_per_epoch = 0
         if data is not None and recipe.train is not None:
             self.steps_per_epoch = -(-len(data.y_train) // recipe.train.batch_size)
@@ -70,6 +76,9 @@ class RunContext:
         return self.data
 
     def new_model(self, init_seed: int) -> nn.Module:
+        return self._cpu_model(init_seed).to(self.device)
+
+    def _cpu_model(self, init_seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             return build_model(self.recipe.model["name"], self.dataset.input_shape, self.dataset.num_classes,
@@ -77,19 +86,21 @@ class RunContext:
 
     def restore(self, key: str) -> nn.Module:
         checkpoint = self.run_dir.load_checkpoint(key)
-        model = apply_masks(self.new_model(0), checkpoint["masks"])
-        return rewind_(model, checkpoint["weights"])
+        model = apply_masks(self._cpu_model(0), checkpoint["masks"])
+        return rewind_(model, checkpoint["weights"]).to(self.device)
 
     def calibration(self, seed: int) -> list:
         """A few training batches for criteria that score with data (snip, grasp, taylor, wanda)."""
-        return list(itertools.islice(batches(self.dataset, self.recipe.train.batch_size, seed), CALIBRATION_BATCHES))
+        found = itertools.islice(batches(self.dataset, self.recipe.train.batch_size, seed), CALIBRATION_BATCHES)
+        return [B.to_device(batch, self.device) for batch in found]
 
     def extra(self, key: str) -> dict[str, Any]:
-        return self.run_dir.load_checkpoint(key)["extra"]
+        return B.to_device(self.run_dir.load_checkpoint(key)["extra"], self.device)
 
     def train(self, model: nn.Module, job: Job, hooks: Sequence[Any] = (), start_step: int = 0,
               config: TrainConfig | None = None) -> list[dict[str, float]]:
-        trainer = Trainer(model, self.dataset, config or self.recipe.train, seed=job.seed, hooks=hooks)
+        config = dataclasses.replace(config or self.recipe.train, device=str(self.device))  # the run's device
+        trainer = Trainer(model, self.dataset, config, seed=job.seed, hooks=hooks)
         progress = self.progress
         if progress is None:
             return trainer.fit(start_step)
@@ -102,7 +113,8 @@ class RunContext:
 
     def result_row(self, job: Job, outcome: Outcome) -> dict[str, Any]:
         """The default result of a job: densities, final accuracy and losses, activation densities."""
-        return result_row(job, outcome.model, outcome.history, self.dataset.x_test[:PROBE_SAMPLES])
+        probe = self.dataset.x_test[:PROBE_SAMPLES].to(self.device)
+        return result_row(job, outcome.model, outcome.history, probe)
 
     def check(self, protocol: Protocol) -> None:
         """Fail before anything is written if the model can't be built, can't take the sparsity config,
@@ -143,22 +155,45 @@ def load_data(recipe: Recipe) -> Dataset | None:
         raise RecipeError(f"data: {err}") from None
 
 
-def run_recipe(recipe: Recipe, out: str | Path, console: Console | None = None) -> dict[str, Any]:
-    """Run (or resume, or just summarise) ``recipe`` in ``out``; returns results.json's content."""
+def run_device(recipe: Recipe, device: str | None = None) -> torch.device:
+    """The device ``recipe`` trains on (``device`` overrides its ``train.device``); a recipe error
+    naming it when this machine doesn't have it, or the precision can't run on it."""
+    train = recipe.train
+    name = device or (train.device if train is not None else "cpu")
+    where = "--device" if device else "train.device"
+    try:
+        resolved = resolve_device(name)
+    except (ConfigError, ValueError) as err:
+        raise RecipeError(f"{where}: {err}") from None
+    try:
+        if train is not None:
+            check_precision(train.precision, resolved)
+    except ConfigError as err:
+        raise RecipeError(f"train.precision: {err}") from None
+    return resolved
+
+
+def run_recipe(recipe: Recipe, out: str | Path, console: Console | None = None,
+               device: str | None = None) -> dict[str, Any]:
+    """Run (or resume, or just summarise) ``recipe`` in ``out``; returns results.json's content.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) overrides the recipe's ``train.device``.
+    """
+    resolved = run_device(recipe, device)  # before anything is written
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     run_dir = RunDir(out)
     try:
-        return _run(recipe, run_dir, console or Console())
+        return _run(recipe, run_dir, console or Console(), resolved)
     finally:
         run_dir.unlock()  # taken by run_dir.start()
         torch.set_num_threads(threads)
 
 
-def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
+def _run(recipe: Recipe, run_dir: RunDir, console: Console, device: torch.device) -> dict[str, Any]:
     run_dir.check_recipe(recipe)
     protocol = PROTOCOLS[recipe.method["name"]]
-    context = RunContext(recipe, load_data(recipe), run_dir)
+    context = RunContext(recipe, load_data(recipe), run_dir, device=device)
     context.check(protocol)
     jobs = protocol.jobs(recipe)
     run_dir.start(recipe)
@@ -195,9 +230,11 @@ def _run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
 
 def _save(run_dir: RunDir, job: Job, outcome: Outcome, result: dict[str, Any]) -> dict[str, Any]:
     record = {"history": outcome.history, "result": result}
+    cpu = torch.device("cpu")  # a checkpoint written on any device loads on every machine
     atomic.torch_save(run_dir.checkpoint(job.key), {
-        "format": CHECKPOINT_FORMAT, "job": dataclasses.asdict(job), "weights": snapshot(outcome.model),
-        "masks": copy_masks(outcome.model), "extra": outcome.extra, **record})
+        "format": CHECKPOINT_FORMAT, "job": dataclasses.asdict(job),
+        "weights": B.to_device(snapshot(outcome.model), cpu), "masks": B.to_device(copy_masks(outcome.model), cpu),
+        "extra": B.to_device(outcome.extra, cpu), **record})
     return record
 
 

@@ -7,6 +7,9 @@ bit for bit: the data order of epoch ``e`` comes from a generator seeded with
 Sparsity methods plug in as hooks (:class:`sparsenets.methods.Method`): the trainer calls
 ``on_train_begin(model, optimizer)``, ``before_optimizer_step(step)``, ``step(step)`` after each
 optimizer step (``step`` counts the updates done so far, from 1) and ``on_epoch_end(epoch)``.
+
+The model and each batch go to ``config.device``; with a ``precision`` other than float32 the
+forward pass and the loss run under autocast (:mod:`.devices`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import create_model
+from pydantic import AfterValidator, create_model
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .data import Dataset
+from .devices import Precision, autocast, check_device_name, check_precision, grad_scaler, resolve_device
 from .schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Section, check
 
 OPTIMIZERS = ("sgd", "adam")
@@ -43,6 +47,8 @@ class TrainConfig:
         warmup_steps: linear warm-up from ~0 to ``lr`` over this many steps, before the schedule.
         batch_size: examples per step; the last, smaller batch of an epoch is kept.
         eval_every: test-set evaluation every this many steps (default: once per epoch).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if available, else CPU).
+        precision: ``float32``, or ``bfloat16``/``float16`` autocast (float16 on CUDA only).
 
     Checked on creation by :data:`TrainSchema` (strict types, ranges, no NaN); a bad value
     raises :class:`~sparsenets.errors.ConfigError` naming every bad key.
@@ -59,6 +65,8 @@ class TrainConfig:
     milestones: list[PositiveInt] = field(default_factory=list)
     gamma: NonNegativeFloat = 0.1
     eval_every: PositiveInt | None = None
+    device: typing.Annotated[str, AfterValidator(check_device_name)] = "cpu"
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         checked, problems = check(TrainSchema, {f.name: getattr(self, f.name) for f in fields(self)}, "")
@@ -147,19 +155,31 @@ def batches(data: Dataset, batch_size: int, seed: int, start_step: int = 0) -> I
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode (restored after)."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000,
+             precision: Precision = "float32") -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode (restored after).
+
+    Batches go to the model's device; ``precision`` autocasts as in training.
+    """
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     loss, correct = 0.0, 0
     try:
         for i in range(0, len(y), batch_size):
-            logits = model(x[i:i + batch_size])
-            loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
-            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            with autocast(device, precision):
+                logits = model(xb)
+                loss += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += int((logits.argmax(1) == yb).sum())
     finally:
         model.train(was_training)
     return {"loss": loss / len(y), "accuracy": correct / len(y)}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 class Trainer:
@@ -178,7 +198,14 @@ class Trainer:
         self.on_step = on_step  # e.g. a progress bar's advance
         self.steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
+        try:
+            self.device = resolve_device(config.device)
+            check_precision(config.precision, self.device)
+        except ConfigError as err:
+            raise ConfigError(f"train: {err}") from None
+        model.to(self.device)  # in place: hooks holding its parameters keep them
         self.optimizer = make_optimizer(model, config)
+        self.scaler = grad_scaler(self.device, config.precision)
 
     def _call(self, hook_name: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -196,17 +223,20 @@ class Trainer:
         losses: list[float] = []
         stream = batches(self.data, config.batch_size, self.seed, start_step)
         for step in range(start_step + 1, self.total_steps + 1):
-            x, y = next(stream)
+            x, y = (t.to(self.device, non_blocking=True) for t in next(stream))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(config, step - 1, self.total_steps, self.steps_per_epoch)
-            loss = F.cross_entropy(model(x), y)
+            with autocast(self.device, config.precision):
+                loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()}); "
                                          f"lower the learning rate (lr={config.lr:g})")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # hooks read and change true gradients
             self._call("before_optimizer_step", step)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self._call("step", step)
             losses.append(loss.item())
             if self.on_step is not None:
@@ -221,7 +251,7 @@ class Trainer:
         return history
 
     def _evaluation(self, step: int, losses: list[float]) -> dict[str, float]:
-        test = evaluate(self.model, self.data.x_test, self.data.y_test)
+        test = evaluate(self.model, self.data.x_test, self.data.y_test, precision=self.config.precision)
         return {"step": step, "epoch": step / self.steps_per_epoch,
                 "train_loss": sum(losses) / max(len(losses), 1),
                 "test_loss": test["loss"], "test_accuracy": test["accuracy"]}

@@ -216,12 +216,18 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     file, and so are dtypes: every tensor comes back in the dtype it was saved in (a float16 or
     bfloat16 checkpoint loads as float16 or bfloat16, even into a float32 ``model``).
 
+    Train/eval mode: a model instance you pass keeps its own flags, module by module (a model
+    in eval mode stays in eval mode); a model built by ``load`` (from the file, or by the
+    function you pass) comes back in the mode it was saved in. Modules ``load`` adds (mask
+    parametrizations, sparse kernel layers) take the mode of the module they sit in or replace.
+
     Raises :class:`CheckpointError` naming the file when it is damaged, changed after saving, or
     does not fit the model.
     """
     path = Path(path)
     header, stored = read_checkpoint(path)
     skeleton = A.given_model(model) if model is not None else _build(header, path)
+    modes = _modes(skeleton) if isinstance(model, nn.Module) else None  # the caller's model keeps its mode
     try:
         _check_fits(skeleton, header)
     except (KeyError, ValueError, TypeError, AttributeError) as err:
@@ -231,7 +237,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"{path}: damaged structure: {err}") from None
     try:
-        return _rebuild(skeleton, header, state, structure)
+        return _rebuild(skeleton, header, state, structure, modes)
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: the file does not fit the model it is loaded into: {err}") from None
 
@@ -305,12 +311,21 @@ def _decode_all(header: dict, stored: dict[str, Tensor]) -> tuple[dict[str, Tens
 # ---- rebuild -------------------------------------------------------------------------------------------
 
 
-def _rebuild(model: nn.Module, header: dict, state: dict[str, Tensor], structure: dict[str, Tensor]) -> nn.Module:
-    replaced, records = header["replaced"], header["records"]
+def _rebuild(model: nn.Module, header: dict, state: dict[str, Tensor], structure: dict[str, Tensor],
+             modes: dict[str, bool] | None = None) -> nn.Module:
+    """``model`` filled in from the file; ``modes`` (train flags by module path) override the saved ones."""
     for path, attributes in header["attributes"].items():
         module = _find(model, path)
         for key, value in attributes.items():
             setattr(module, key, A.unplain(value))
+    modes = _modes(model) if modes is None else modes  # the saved flags, when no others are given
+    rebuilt = _fill(model, header, state, structure)
+    _set_modes(rebuilt, modes)
+    return rebuilt
+
+
+def _fill(model: nn.Module, header: dict, state: dict[str, Tensor], structure: dict[str, Tensor]) -> nn.Module:
+    replaced, records = header["replaced"], header["records"]
     for path in replaced:  # the dense layer takes the sizes of the sparse one
         module = _find(model, path)
         for key, value in records[path]["origin"]["init"].items():
@@ -334,6 +349,19 @@ def _rebuild(model: nn.Module, header: dict, state: dict[str, Tensor], structure
         module_path, _, name = key.rpartition(".")
         attach(_find(model, module_path), name, structure[key], pattern)
     return model
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {path: module.training for path, module in model.named_modules()}
+
+
+def _set_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Each module's train flag from ``modes`` by path; a module not in it takes its parent's."""
+    parent_mode = {"": modes.get("", model.training)}
+    for path, module in model.named_modules():
+        parent = path.rpartition(".")[0]
+        module.training = modes.get(path, parent_mode.get(parent, parent_mode[""]))
+        parent_mode[path] = module.training
 
 
 def _find(model: nn.Module, path: str) -> nn.Module:

@@ -9,6 +9,10 @@ blocks and the bias. Backends:
 - ``"torch"``: batched dense products per block in plain torch ops; any device and dtype.
 
 ``"auto"`` takes the first that fits the tensors; ``SPARSENETS_KERNELS=torch`` forces the fallback.
+
+Under torch.compile and torch.export the C and Triton kernels run as the custom op
+``sparsenets::block_sparse_linear`` (:mod:`.ops`), one opaque node in the graph; eager code calls
+them directly (:mod:`.eager`), since the op's dispatch costs more than a small product.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import os
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import cpu, reference
+from . import cpu, eager, ops, reference
 from .layout import BlockLayout, block_keep, gather_blocks, scatter_blocks
 
 __all__ = ["BACKENDS", "BlockLayout", "block_keep", "block_sparse_linear", "choose_backend",
@@ -30,29 +33,18 @@ __all__ = ["BACKENDS", "BlockLayout", "block_keep", "block_sparse_linear", "choo
 BACKENDS = ("auto", "cpu", "triton", "torch")
 
 
-class _CpuBlockSparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, layout: BlockLayout) -> Tensor:
-        ctx.layout = layout
-        ctx.save_for_backward(x, values)
-        return cpu.linear(x, values, layout, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, values = ctx.saved_tensors
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        need_x, need_values, need_bias, _ = ctx.needs_input_grad
-        grad_x = cpu.input_grad(grad_out, values, ctx.layout) if need_x else None
-        grad_values = cpu.values_grad(grad_out, x, ctx.layout) if need_values else None
-        grad_bias = grad_out.sum(0) if need_bias else None
-        return grad_x, grad_values, grad_bias, None
-
-
 @functools.cache
-def _triton_importable() -> bool:
+def _find_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def _triton_importable() -> bool:
+    return _find_triton()
+
+
+# A constant to torch.compile, as cpu.available (the mark sits on a plain function: Dynamo
+# looks through functools.cache wrappers).
+_triton_importable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _cpu_fits(x: Tensor, values: Tensor) -> str | None:
@@ -105,14 +97,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None,
                         backend: str = "auto") -> Tensor:
     """``x (..., in) -> (..., out)``: the product with the block-sparse weight, plus ``bias``."""
-    if torch.compiler.is_compiling():  # opaque to torch.compile: the kernels run eagerly between graphs
-        return torch.compiler.disable(_block_sparse_linear)(x, values, layout, bias, backend)
-    # (not a decorator: that would load torch._dynamo, ~2 s, at every import of sparsenets)
-    return _block_sparse_linear(x, values, layout, bias, backend)
-
-
-def _block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None,
-                         backend: str) -> Tensor:
     if x.shape[-1] != layout.in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
                          f"the layer expects {layout.in_features}")
@@ -128,18 +112,10 @@ def _block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: T
     lead = x.shape[:-1]
     x2d = x.reshape(-1, layout.in_features)
     name = choose_backend(x2d, values, layout, backend)
-    if name == "cpu":
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, values, bias)):
-            y = _CpuBlockSparseLinear.apply(x2d, values.contiguous(), bias, layout)
-        else:  # inference: skip the autograd machinery, which costs more than a small product
-            y = cpu.linear(x2d, values.contiguous(), layout, bias)
-    elif name == "triton":
-        from .triton import linear as triton_linear
-
-        y = triton_linear(x2d, values, layout, bias)
-    else:
+    if name == "torch":
         y = reference.linear(x2d, values, layout, bias)
+    elif eager.traced(x2d):
+        y = ops.linear(x2d, values, layout, bias, name)  # the custom op: one node in the graph
+    else:
+        y = eager.linear(x2d, values, layout, bias, name)  # the kernels without dispatcher overhead
     return y.reshape(*lead, layout.out_features)

@@ -3,22 +3,17 @@
 For unstructured and N:M weights at low density, where a sparse-times-dense product
 (MKL on CPU) beats the dense GEMM. The kept values are an ``nn.Parameter``, so the layer
 trains with autograd; the sparsity structure is fixed (buffers ``crow_indices``, ``col_indices``),
-and state_dict, deepcopy and pickling work as for any module.
+and state_dict, deepcopy and pickling work as for any module. Traced or training, the forward runs
+the custom op ``sparsenets::csr_linear`` on these plain tensors, so torch.compile and torch.export
+take the layer.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
-# torch warns once per process that sparse CSR support is "beta" (the ops used here are
-# stable): spend that one warning here, silenced.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
-                            (1, 1), check_invariants=False)
+from ..kernels import csr
 
 
 class CSRLinear(nn.Module):
@@ -100,14 +95,9 @@ class CSRLinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
                              f"the layer expects {self.in_features}")
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        weight = self.sparse_weight()
-        # W·xᵀ is the product MKL runs sparse-times-dense; the result is transposed back (a view).
-        if self.bias is None:
-            y = torch.sparse.mm(weight, x2d.t())
-        else:
-            y = torch.addmm(self.bias.unsqueeze(1), weight, x2d.t())
-        return y.t().reshape(*lead, self.out_features)
+        y = csr.linear(x.reshape(-1, self.in_features), self.values, self.bias, self.crow_indices,
+                       self.col_indices, self.out_features, self.in_features)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -12,6 +12,9 @@ hooks; in your own loop, call ``method.step(step)`` right after ``optimizer.step
 
 Methods prune with :func:`sparsenets.sparsify_`, so any pattern, criterion and allocation of
 the config works, and pruned weights stay exactly zero (masks are parametrizations).
+
+Under ``torch.distributed`` (DDP, FSDP) build the method first, then wrap the model, then build
+the optimizer; every rank then takes the same decisions (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError
+from ..integrations import distributed
+from ..masking import attach, get_mask
 from ..patterns import Pattern
 from ..report import report
 from ..sparsify import sparsify_
+from ..targets import find_units
 
 
 class Method:
@@ -71,6 +78,21 @@ class Method:
         if config is not None:
             sparsify_(self.model, config, self.data, self.loss_fn)
         return config
+
+    def reserve_masks(self) -> None:
+        """Under a process group, put all-ones masks on every weight the method will prune later.
+
+        Masking a weight replaces it by a parametrization, which must happen before the model is
+        wrapped (DDP, FSDP register its parameters then); pruning later only rewrites the masks in
+        place. A single process needs no reservation and gets none.
+        """
+        if not distributed.active():
+            return
+        for unit in find_units(self.model, self.config):
+            for m in unit.members:
+                if get_mask(m.module, m.param) is None:
+                    ones = torch.ones_like(m.tensor(), dtype=torch.bool)
+                    attach(m.module, m.param, ones, str(unit.pattern))
 
     def density(self) -> float:
         """Fraction of the weights (of every layer sparsenets can sparsify) that are nonzero."""

@@ -33,6 +33,7 @@ from ..batches import LossFn
 from ..config import SparsityConfig
 from ..errors import ConfigError, PatternError
 from ..gemm import from_gemm, to_gemm
+from ..integrations import distributed
 from ..masking import parametrization_list
 from ..targets import Member, find_units
 from .base import Method
@@ -76,6 +77,7 @@ class BlockReweighted(Method):
         self.decoupled = decoupled
         self.learning_rates: dict[int, dict] = {}  # id(parameter) -> its optimizer param group
         self.done = False
+        self.reserve_masks()
         self.refresh()
 
     def refresh(self) -> None:
@@ -88,6 +90,8 @@ class BlockReweighted(Method):
                 norms.index_add_(0, ids.reshape(-1), gemm.reshape(-1) ** 2)
                 coefficient = (1.0 / (norms + self.eps))[ids]
                 self.coefficients[m.qualname] = from_gemm(m.module, coefficient, m.tensor().shape).to(m.tensor().dtype)
+        # the first refresh sees each rank's own initial weights, before DDP makes them rank 0's
+        distributed.broadcast_(self.coefficients.values())
 
     def penalty(self) -> Tensor:
         """λ · Σ_g ‖W_g‖² / (‖W_g^old‖² + ε) over every target weight (differentiable)."""

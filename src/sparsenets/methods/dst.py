@@ -16,7 +16,8 @@ layer's sparsity is exactly what it was; it grows only where the mask was off be
 regrown weights start at zero with their optimizer state (momentum, Adam moments) zeroed.
 
 In your own loop, build the optimizer after the method (masking moves ``weight`` into
-``parametrizations.weight.original``), and tell the method about it::
+``parametrizations.weight.original``), and tell the method about it. Under DDP, wrap the model
+between the two; RigL sums the dense gradients over the ranks before regrowing::
 
     method = RigL(model, {"sparsity": 0.9, "criterion": "random", "allocation": "erk"},
                   update_every=100, end_step=0.75 * total_steps)
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError, PatternError
+from ..integrations import distributed
 from ..masking import Mask, get_mask, parametrization_list
 from ..sparsify import sparsify_
 from ..targets import Unit, find_units
@@ -139,7 +141,7 @@ class DynamicSparse(StaticSparse):
     def _update_unit(self, unit: Unit, fraction: float, grow_scores: Tensor) -> int:
         active = unit.group_scores({m.qualname: _mask(m.module, m.param).mask.cpu().double()
                                     for m in unit.weights}) > 0.5
-        magnitude = unit.group_scores({m.qualname: m.tensor().abs().cpu() for m in unit.weights})
+        magnitude = unit.group_scores({m.qualname: distributed.full(m.tensor()).abs().cpu() for m in unit.weights})
         sizes = unit.group_sizes()
         new_active = active.clone()
         # swap equally sized groups only (edge blocks with edge blocks), so the count stays exact
@@ -153,6 +155,7 @@ class DynamicSparse(StaticSparse):
             grow = off[torch.argsort(grow_scores[off], descending=True, stable=True)[:count]]
             new_active[drop] = False
             new_active[grow] = True
+        distributed.broadcast_([new_active])  # a guard: ranks decide alike, ties included, or take rank 0's
         masks = unit.expand(new_active)  # group scores live on the CPU; _apply moves masks to the weights
         return sum(self._apply(m.module, m.param, masks[m.qualname]) for m in unit.weights)
 
@@ -164,11 +167,11 @@ class DynamicSparse(StaticSparse):
         grown = new_mask & ~mask.mask
         changed = new_mask ^ mask.mask
         mask.mask.copy_(new_mask)
-        original.masked_fill_(changed, 0.0)
+        original.masked_fill_(distributed.like(changed, original), 0.0)  # like: this rank's shard under FSDP
         if self.optimizer is not None:
             for value in self.optimizer.state.get(original, {}).values():
                 if isinstance(value, Tensor) and value.shape == original.shape:
-                    value.masked_fill_(grown, 0.0)
+                    value.masked_fill_(distributed.like(grown, value), 0.0)
         return int(grown.sum())
 
 
@@ -218,6 +221,12 @@ class RigL(DynamicSparse):
         previous = self.dense_grads.get(qualname)
         self.dense_grads[qualname] = grad.detach().clone() if previous is None else previous + grad.detach()
 
+    def _reduce_dense_grads(self) -> None:
+        """Sum the dense gradients over the ranks: DDP averages only the parameters' (masked) gradients,
+        and growth should follow the whole batch, not one rank's share of it."""
+        present = [m.qualname for unit in self.units for m in unit.weights if m.qualname in self.dense_grads]
+        distributed.all_reduce_sum_(self.dense_grads[name] for name in present)
+
     def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -233,6 +242,7 @@ class RigL(DynamicSparse):
 
     def update(self, step: int) -> None:
         try:
+            self._reduce_dense_grads()
             super().update(step)
         finally:
             self.dense_grads = {}

@@ -43,6 +43,7 @@ class GradualMagnitudePruning(Method):
                              f"(the final sparsity), got {initial_sparsity!r}")
         self.start, self.end, self.frequency = start, end, frequency
         self.initial_sparsity = initial_sparsity
+        self.reserve_masks()
 
     def sparsity_at(self, step: int) -> float:
         return cubic_sparsity(step, self.initial_sparsity, self.config.target_sparsity, self.start, self.end)

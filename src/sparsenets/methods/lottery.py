@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError
+from ..integrations import distributed
 from ..masking import get_mask
 from ..patterns import Pattern
 from ..sparsify import sparsify_
@@ -72,8 +73,9 @@ class LotteryTicket(Method):
         self.rewind_step = rewind_step
         self.level = level  # levels already done; with ``rewind_point``, resumes a saved search
         if rewind_point is None and rewind_step == 0:
-            rewind_point = snapshot(model)
+            rewind_point = _shared_snapshot(model)
         self.rewind_point = rewind_point
+        self.reserve_masks()
 
     @property
     def done(self) -> bool:
@@ -81,7 +83,7 @@ class LotteryTicket(Method):
 
     def step(self, step: int) -> None:
         if step == self.rewind_step and self.rewind_point is None:
-            self.rewind_point = snapshot(self.model)
+            self.rewind_point = _shared_snapshot(self.model)
 
     def next_level(self) -> SparsityConfig:
         """Prune the trained model to the next level's sparsity and rewind it; returns that level's config."""
@@ -95,6 +97,13 @@ class LotteryTicket(Method):
         rewind_(self.model, self.rewind_point)
         self.level += 1
         return config
+
+
+def _shared_snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """A :func:`snapshot`, rank 0's under a process group: θ0 is taken before DDP syncs the ranks' weights."""
+    state = snapshot(model)
+    distributed.broadcast_(state.values())
+    return state
 
 
 # ---- controls ----------------------------------------------------------------------------------

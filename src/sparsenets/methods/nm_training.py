@@ -38,6 +38,7 @@ from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError, PatternError
 from ..gemm import is_hf_conv1d
+from ..integrations import distributed
 from ..masking import _make_picklable, attach, parametrization_list
 from ..patterns import NM
 from ..targets import find_units
@@ -141,6 +142,11 @@ class NMMethod(Method):
                 p.refresh(_dense(module, name))
 
     # ---- hooks -----------------------------------------------------------------------------------
+
+    def on_train_begin(self, model: nn.Module, optimizer) -> None:
+        """Under a process group, take rank 0's masks: each rank computed its own from the weights it
+        had when the method was built, and DDP has since given every rank rank 0's weights."""
+        distributed.broadcast_(p.mask for *_, p in self.parametrizations)
 
     def step(self, step: int) -> None:
         """After update ``step``: move the schedule on and recompute masks every ``update_every``."""

@@ -27,6 +27,7 @@ class OneShot(Method):
             raise ConfigError(f"at_step must be >= 0, got {at_step!r}")
         self.at_step = at_step
         self.done = False
+        self.reserve_masks()
 
     def apply(self) -> None:
         self.prune(self.config.target_sparsity)

@@ -48,6 +48,12 @@ def available() -> bool:
     return library() is not None
 
 
+# torch.compile calls it eagerly and takes the result as a constant instead of tracing the build
+# (file system calls it can't trace). This is the mark torch.compiler.assume_constant_result
+# sets; calling that would import torch._dynamo (seconds) with every import of sparsenets.
+available._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _loaded() -> ctypes.CDLL:
     """The kernels, for callers that checked :func:`available` first."""
     lib = library()

@@ -1,5 +1,7 @@
 """Block-sparse linear on CUDA tensors with Triton kernels (forward, input and weight gradients).
 
+Plain functions on 2-D operands; :mod:`..ops` wraps them as differentiable custom ops.
+
 The kernels also run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set
 before this module is imported), which is how they are tested without a GPU.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..layout import BlockLayout
 from .block_sparse import forward_kernel, input_grad_kernel, values_grad_kernel
@@ -24,11 +25,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _rows_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def forward(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None) -> Tensor:
+def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None) -> Tensor:
+    """``x (rows, in) -> x · Wᵀ + bias (rows, out)``."""
     r, c = layout.block
     rows = x.shape[0]
     y = x.new_empty(rows, layout.out_features)
@@ -61,28 +59,3 @@ def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
             layout.in_features, grad_out.stride(0), x.stride(0),
             R=r, C=c, BLOCK_M=BLOCK_M, PRECISION=_precision(x.dtype))
     return grad
-
-
-class _TritonBlockSparseLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, layout: BlockLayout) -> Tensor:
-        ctx.layout = layout
-        ctx.save_for_backward(x, values)
-        return forward(x, values, layout, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, values = ctx.saved_tensors
-        grad_out = _rows_contiguous(grad_out)
-        need_x, need_values, need_bias, _ = ctx.needs_input_grad
-        grad_x = input_grad(grad_out, values, ctx.layout) if need_x else None
-        grad_values = values_grad(grad_out, x, ctx.layout) if need_values else None
-        grad_bias = grad_out.sum(0) if need_bias else None
-        return grad_x, grad_values, grad_bias, None
-
-
-def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None) -> Tensor:
-    """``x (rows, in) -> x · Wᵀ + bias (rows, out)``, differentiable."""
-    bias = None if bias is None else bias.contiguous()
-    return _TritonBlockSparseLinear.apply(_rows_contiguous(x), values.contiguous(), bias, layout)
