@@ -169,6 +169,11 @@ def all_sparse(monkeypatch):
     monkeypatch.setattr(choose, "rule", _sparse_everywhere)
 
 
+def _explains_zeros(note: str) -> bool:
+    """A note saying why zeros stayed (not a kernel or shrinking that had to be undone)."""
+    return any(why in note for why in ("zero outputs kept:", "zero channels kept:", "are zero; kept:"))
+
+
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
@@ -181,7 +186,8 @@ def test_compressed_outputs_equal_masked_outputs(model_name: str, pattern: str, 
     masked = _masked(model_name, pattern)
     fresh = MODELS[model_name][1]
     compressed = sn.compress(masked, fresh(), autotune=False)
-    assert not compressed.compress_report.notes, compressed.compress_report.notes  # no fallback was needed
+    fallbacks = [n for n in compressed.compress_report.notes if not _explains_zeros(n)]
+    assert not fallbacks, fallbacks  # no fallback was needed
     for _ in range(2):
         inputs = fresh()
         with torch.no_grad():
@@ -354,7 +360,7 @@ def test_multihead_attention_heads_are_kept_and_reported() -> None:
     x = torch.randn(2, 8, 6)
     compressed = sn.compress(model.eval(), x, autotune=False)
     assert compressed.blocks[0].attn.num_heads == 4
-    assert any("nn.MultiheadAttention" in line for line in compressed.compress_report.removed)
+    assert any("nn.MultiheadAttention" in line for line in compressed.compress_report.notes)
     _assert_close(compressed(x), model(x))
 
 

@@ -3,6 +3,7 @@
 from ._version import __version__
 from .activations import activation_density
 from .compression import compress
+from .compression.experts import prune_experts_
 from .config import SparsityConfig
 from .errors import CheckpointError, ConfigError, PatternError, RecipeError, RunDirError, SparsenetsError
 from .io import load, save
@@ -32,7 +33,7 @@ __all__ = [
     "__version__",
     # core
     "SparsityConfig", "sparsify_", "finalize_", "report", "Report", "compress", "save", "load",
-    "activation_density", "sparse_drop_",
+    "activation_density", "sparse_drop_", "prune_experts_",
     # patterns
     "Pattern", "Unstructured", "Block", "NM", "Channel", "Head", "register_pattern",
     # methods

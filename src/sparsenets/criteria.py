@@ -14,6 +14,7 @@ weight's qualified name (``"encoder.0.weight"``).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import batches as B
 from .errors import ConfigError
-from .gemm import is_hf_conv1d, to_gemm
+from .gemm import is_experts, is_hf_conv1d, to_gemm
 from .integrations import distributed
 
 Weights = dict[str, tuple[nn.Module, str]]  # qualname -> (module, param name) in the scored model
@@ -145,9 +146,22 @@ def _synflow_input(batches: list, config) -> Any:
 
 @criterion("synflow", default_rounds=100)
 def synflow(model, weights: Weights, batches, loss_fn, generator, config) -> Scores:
-    """SynFlow (Tanaka et al. 2020): data-free synaptic flow |w ⊙ ∂R/∂w| with R = sum f_|θ|(1)."""
+    """SynFlow (Tanaka et al. 2020): data-free synaptic flow |w ⊙ ∂R/∂w| with R = sum f_|θ|(1).
+
+    The flow runs in float64, where products of many |w| stay finite; a model with an op that has
+    no float64 kernel (grouped expert matmuls) runs in float32 instead, which suits shallow models.
+    """
+    try:
+        return _synflow(model, weights, batches, config, torch.float64)
+    except RuntimeError as error:
+        warnings.warn(f"criterion 'synflow' scores in float32: this model has no float64 kernel for an op "
+                      f"({str(error).splitlines()[0][:120]})", stacklevel=2)
+        return _synflow(model, weights, batches, config, torch.float32)
+
+
+def _synflow(model, weights: Weights, batches, config, dtype: torch.dtype) -> Scores:
     names = {id(m): n for n, m in model.named_modules()}
-    flow = copy.deepcopy(model).double().eval()
+    flow = copy.deepcopy(model).to(dtype).eval()
     with torch.no_grad():
         for tensor in list(flow.parameters()) + list(flow.buffers()):
             if tensor.is_floating_point():
@@ -156,11 +170,15 @@ def synflow(model, weights: Weights, batches, loss_fn, generator, config) -> Sco
     device = next(flow.parameters()).device
     x = B.to_device(_synflow_input(batches, config), device)
     if isinstance(x, Tensor) and x.is_floating_point():
-        x = x.double()
+        x = x.to(dtype)
+    elif isinstance(x, dict):
+        x = {k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in x.items()}
     params = [_tensor(flow_weights, k) for k in flow_weights]
     out = B.logits(B.run(flow, x))
     grads = _zeros_for_unused(torch.autograd.grad(out.sum(), params, allow_unused=True), flow_weights)
-    return {k: (p.detach() * g).abs().to(_tensor(weights, k).dtype) for k, p, g in zip(weights, params, grads)}
+    # half-precision weights still get float32 scores: synaptic flow overflows float16 at once
+    return {k: (p.detach() * g).abs().to(torch.promote_types(_tensor(weights, k).dtype, torch.float32))
+            for k, p, g in zip(weights, params, grads)}
 
 
 # ---- Wanda: |W| · ‖X_j‖ over calibration inputs --------------------------------------------
@@ -234,6 +252,9 @@ def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
         if isinstance(module, nn.RNNBase):  # their hidden-state inputs never pass through a hook
             raise ConfigError(f"criterion 'wanda' cannot see the inputs of recurrent layer '{k}'; "
                              f"use another criterion or exclude the layer")
+        if is_experts(module):  # a hook sees every token, not the ones routed to each expert
+            raise ConfigError(f"criterion 'wanda' cannot see which tokens reach each expert of '{k}'; "
+                              f"use another criterion or exclude '*experts*'")
     sq: dict[int, Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -17,10 +17,39 @@ def is_hf_conv1d(module: nn.Module | None) -> bool:
         and hasattr(module, "nf")
 
 
+def is_experts(module: nn.Module | None) -> bool:
+    """A mixture-of-experts bank: ``num_experts`` matrices stacked in 3-D parameters
+    (``experts × out × in``, or ``experts × in × out`` where ``is_transposed``)."""
+    return bool(expert_weight_names(module))
+
+
+def expert_weight_names(module: nn.Module | None) -> list[str]:
+    """The 3-D ``experts × …`` parameters of an expert bank (masked ones included), else []."""
+    n = getattr(module, "num_experts", None)
+    if module is None or not isinstance(n, int) or isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    masked = getattr(module, "parametrizations", {})
+    names = [*module._parameters, *masked]
+    return [name for name in names if _stacked(getattr(module, name), n)]
+
+
+def _stacked(tensor: object, n: int) -> bool:
+    return isinstance(tensor, Tensor) and tensor.dim() == 3 and tensor.shape[0] == n
+
+
+def _expert_stack(module: nn.Module | None, tensor: Tensor) -> bool:
+    return tensor.dim() == 3 and is_experts(module)
+
+
 def to_gemm(module: nn.Module, tensor: Tensor) -> Tensor:
-    """View a weight (or a tensor of its shape) as ``out × in``."""
+    """View a weight (or a tensor of its shape) as ``out × in``; an expert bank as its experts'
+    GEMM forms stacked along the rows."""
     if is_hf_conv1d(module):
         return tensor.t()
+    if _expert_stack(module, tensor):
+        if getattr(module, "is_transposed", False):
+            tensor = tensor.transpose(1, 2)
+        return tensor.reshape(-1, tensor.shape[-1])
     return tensor.reshape(tensor.shape[0], -1)
 
 
@@ -28,6 +57,8 @@ def from_gemm(module: nn.Module, matrix: Tensor, shape: torch.Size) -> Tensor:
     """The inverse of :func:`to_gemm`: a GEMM-form matrix back in the weight's own ``shape``."""
     if is_hf_conv1d(module):
         return matrix.t().contiguous()
+    if len(shape) == 3 and getattr(module, "is_transposed", False) and is_experts(module):
+        return matrix.reshape(shape[0], shape[2], shape[1]).transpose(1, 2).contiguous()
     return matrix.reshape(shape)
 
 

@@ -212,7 +212,7 @@ class Channel(Pattern):
 class Head(Pattern):
     """Whole attention heads: their query/key/value rows and their output-projection columns.
 
-    Group ids come from the attention module's layout (see ``targets.py``), not from a shape.
+    Group ids come from the attention module's layout (see ``attention.py``), not from a shape.
     """
 
     syntax: ClassVar[str] = "head"

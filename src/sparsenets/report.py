@@ -2,13 +2,17 @@
 
 A weight shared by two layers (GPT-2's ``lm_head`` is the token embedding) is one tensor: both
 rows show it, but totals count its elements once (the second row says ``tied_to`` the first).
-FLOPs count every use.
+FLOPs count every use; an expert bank's rows count the routed share (top-k of the experts).
+
+After the table, ``uncovered`` lists every parameter a default config leaves dense, one line
+per parameter group with the reason (embeddings are opt-in, norms and biases are 1-D, routers
+stay dense, ...), so what sparsenets does not prune is never silent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -17,9 +21,9 @@ from torch.nn.utils import parametrize
 
 from . import batches as B
 from .activations import input_density
-from .gemm import is_hf_conv1d
+from .gemm import is_experts, is_hf_conv1d
 from .masking import get_mask, parametrization_list
-from .targets import is_layer, weight_names
+from .targets import Uncovered, default_targets, is_layer, uncovered, weight_names
 
 
 @dataclass
@@ -39,6 +43,7 @@ class LayerRow:
 @dataclass
 class Report:
     rows: list[LayerRow]
+    uncovered: list[Uncovered] = field(default_factory=list)  # what a default config leaves dense, and why
 
     @property
     def numel(self) -> int:
@@ -66,6 +71,7 @@ class Report:
             "total": {"numel": self.numel, "nonzeros": self.nonzeros, "density": self.density,
                       "sparsity": self.sparsity, "dense_flops": self._flops("dense_flops"),
                       "sparse_flops": self._flops("sparse_flops")},
+            "uncovered": [asdict(u) for u in self.uncovered],
         }
 
     def __str__(self) -> str:
@@ -84,6 +90,9 @@ class Report:
                  for row in [header, *body]]
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        if self.uncovered:
+            lines.append("not pruned by default:")
+            lines += [f"  {u.name}{f' (x{u.count})' if u.count > 1 else ''}: {u.reason}" for u in self.uncovered]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -159,6 +168,8 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
             nonzeros = int(torch.count_nonzero(weight))
             shape = tuple(weight.t().shape) if is_hf_conv1d(module) else tuple(weight.shape)
             n_uses = uses.get(name)
+            if n_uses is not None and is_experts(module):
+                n_uses *= _routed_share(model, module)
             row_name = (name or "(model)") if param == "weight" else f"{name}.{param}".lstrip(".")
             stored = id(_stored(module, param))
             rows.append(LayerRow(
@@ -174,7 +185,17 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
                 tied_to=first_row.get(stored),
             ))
             first_row.setdefault(stored, row_name)
-    return Report(rows)
+    return Report(rows, uncovered(model, default_targets(model)))
+
+
+def _routed_share(model: nn.Module, experts: nn.Module) -> float:
+    """top-k / experts: the share of an expert bank's weights one token goes through."""
+    for block in model.modules():
+        if getattr(block, "experts", None) is experts:
+            k = getattr(block, "top_k", None) or getattr(getattr(block, "gate", None), "top_k", None)
+            if isinstance(k, int):
+                return k / experts.num_experts
+    return 1.0
 
 
 def _stored(module: nn.Module, param: str) -> torch.Tensor:

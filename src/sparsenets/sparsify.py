@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -25,10 +26,11 @@ from .gemm import from_gemm, to_gemm
 from .integrations import distributed
 from .masking import attach, finalize_, get_mask
 from .patterns import MIXED
-from .targets import Unit, find_units
+from .targets import Unit, find_units, stored_ids, uncovered
 
 log = logging.getLogger(__name__)
 WEIGHT_ONLY = frozenset({"magnitude", "random"})  # criteria that never run the model
+UNCOVERED_WARNING = 0.2  # warn when matrices no mask reaches hold more than this share of the parameters
 
 
 def sparsify_(
@@ -55,6 +57,7 @@ def sparsify_(
     config = as_config(config)
     criterion = CRITERIA[config.criterion]
     units = find_units(model, config)
+    _warn_uncovered(model, units)
     if criterion.needs_data and data is None:
         raise ConfigError(f"criterion {config.criterion!r} needs data: pass an iterable of batches "
                           f"as sparsify_(model, config, data=...)")
@@ -70,6 +73,17 @@ def sparsify_(
         for member in unit.members:
             attach(member.module, member.param, new_masks[member.qualname], label)
     return model
+
+
+def _warn_uncovered(model: nn.Module, units: list[Unit]) -> None:
+    """Say so when the config leaves a large share of the weights dense (``report`` says why)."""
+    left = [u for u in uncovered(model, stored_ids(units)) if u.ndim >= 2]
+    total = sum(p.numel() for p in model.parameters())
+    share = sum(u.numel for u in left) / max(total, 1)
+    if share > UNCOVERED_WARNING:
+        biggest = "; ".join(f"{u.name} ({u.numel:,}): {u.reason}" for u in left[:3])
+        warnings.warn(f"{share:.0%} of the parameters are weights this config leaves dense, biggest: {biggest}",
+                      stacklevel=3)
 
 
 def _keep_pruned(module: nn.Module, name: str, mask: Tensor) -> Tensor:
@@ -90,7 +104,7 @@ def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, c
         torch.manual_seed(config.seed)
         for r in rounds:
             log.debug("%s: round %d of %d", config.criterion, r, config.rounds)
-            scores = criterion.score(work, weights, batches, loss_fn, generator, config)
+            scores = _score(criterion, work, weights, batches, loss_fn, generator, config)
             for name, score in scores.items():
                 if torch.isnan(score).any():
                     raise SparsenetsError(f"criterion {config.criterion!r} gave NaN scores for '{name}'")
@@ -107,6 +121,18 @@ def compute_masks(model: nn.Module, units: list[Unit], config: SparsityConfig, c
                     getattr(module, param).mul_(masks[name].to(getattr(module, param).device))
             current = {name: masks[name] for name in weights}
     return masks
+
+
+def _score(criterion: Criterion, work: nn.Module, weights: Weights, batches: list, loss_fn: B.LossFn | None,
+           generator: torch.Generator, config: SparsityConfig) -> dict[str, Tensor]:
+    """``criterion.score``, with a failure inside the model's own code named after the criterion."""
+    try:
+        return criterion.score(work, weights, batches, loss_fn, generator, config)
+    except (SparsenetsError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+        raise ConfigError(f"criterion {criterion.name!r} failed on this model: {type(error).__name__}: {error}; "
+                          f"try another criterion or exclude the layers it cannot run") from error
 
 
 def _scoring_copy(model: nn.Module, units: list[Unit], criterion: Criterion) -> tuple[nn.Module, Weights]:

@@ -2,7 +2,8 @@
 
 A *unit* is what one sparsity level applies to: usually one weight (plus its bias for
 whole-output patterns), or, for the head pattern, every projection of one attention
-module. Each member of a unit carries a map from its elements to the unit's groups, so
+module. A mixture-of-experts bank's 3-D parameter is one unit whose groups never span two
+experts. Each member of a unit carries a map from its elements to the unit's groups, so
 scoring, selecting and expanding masks is the same code for every pattern.
 """
 
@@ -12,19 +13,22 @@ import fnmatch
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .gemm import from_gemm, is_hf_conv1d, to_gemm
+from .gemm import expert_weight_names, from_gemm, is_experts, is_hf_conv1d, to_gemm
 from .patterns import Pattern
 
 # Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
+# "Experts" is not a class name: it stands for any mixture-of-experts bank (see gemm.is_experts).
 MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Embedding", "MultiheadAttention",
-                "LSTM", "GRU", "RNN")
-DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention", "LSTM", "GRU", "RNN")
+                "LSTM", "GRU", "RNN", "Experts")
+DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention", "LSTM", "GRU", "RNN",
+                        "Experts")
 
 
 def class_names(module: nn.Module) -> set[str]:
@@ -40,7 +44,18 @@ def is_layer(module: nn.Module, types: tuple[str, ...] | set[str] = MODULE_TYPES
     names = class_names(module) & set(types)
     if not isinstance(module, nn.RNNBase):
         names -= _RECURRENT
-    return bool(names)
+    return bool(names) or ("Experts" in types and is_experts(module))
+
+
+def routers(model: nn.Module) -> set[nn.Module]:
+    """The routers of the mixture-of-experts blocks in ``model`` (``block.gate`` or ``block.router``
+    next to ``block.experts``): kept dense, since a pruned router row silences a whole expert."""
+    found = set()
+    for block in model.modules():
+        if is_experts(getattr(block, "experts", None)):
+            gates = ("gate", "router", "shared_expert_gate")  # Qwen-MoE also gates its shared expert
+            found |= {r for r in (getattr(block, g, None) for g in gates) if isinstance(r, nn.Module)}
+    return found
 
 
 
@@ -52,7 +67,7 @@ def weight_names(module: nn.Module) -> list[str]:
         return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
     if isinstance(module, nn.RNNBase):  # weight_ih_l0, weight_hh_l0, ..., gates stacked as rows
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
-    return ["weight"]
+    return expert_weight_names(module) or ["weight"]
 
 
 
@@ -145,19 +160,26 @@ class Unit:
 
 
 def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
-    members, dims = [], []
+    members: list[Member] = []
+    dims: list[tuple[int, ...]] = []
     n_groups = 0
     for param in weight_names(module):
         weight = getattr(module, param)
+        experts = weight.shape[0] if weight.dim() == 3 and is_experts(module) else 1
         rows, cols = to_gemm(module, weight).shape
+        rows //= experts  # an expert bank stacks its experts' GEMM forms; groups never span two experts
         pattern.check(rows, cols, name)
         if pattern.selects_locally:
             ids = None
         else:
             ids, n = pattern.group_ids(rows, cols)
-            ids, n_groups = ids + n_groups, n_groups + n
+            ids = torch.cat([ids + n_groups + e * n for e in range(experts)])
+            n_groups += experts * n
         members.append(Member(name, param, module, ids))
-        dims.append((weight.shape[0], *weight.shape[1:]) if not is_hf_conv1d(module) else (cols, rows))
+        if experts > 1:
+            dims += [(rows, cols)] * experts
+        else:
+            dims.append((weight.shape[0], *weight.shape[1:]) if not is_hf_conv1d(module) else (cols, rows))
     bias_name = "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
     # recurrent biases stay dense: masking them would need a unit's ih and hh rows pruned together
     if pattern.masks_bias and not isinstance(module, nn.RNNBase) and getattr(module, bias_name, None) is not None:
@@ -165,70 +187,6 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
         bias_ids = torch.cat([m.ids[:, 0] for m in members])
         members.append(Member(name, bias_name, module, bias_ids, is_weight=False))
     return Unit(name, pattern, members, n_groups, dims)
-
-
-# ---- attention modules for the head pattern -------------------------------------------------
-
-
-def _head_rows(rows: int, head_dim: int, heads: int) -> Tensor:
-    """Head id of each output row of a projection that stacks [q; k; v] (or just one of them)."""
-    return (torch.arange(rows) % (heads * head_dim)) // head_dim
-
-
-def _attention_layout(module: nn.Module) -> tuple[int, int, list[tuple[nn.Module, str, str]]] | None:
-    """(heads, head_dim, [(module, param, 'rows'|'cols'|'bias')]) for a known attention module."""
-    if isinstance(module, nn.MultiheadAttention):
-        heads, head_dim = module.num_heads, module.head_dim
-        parts: list[tuple[nn.Module, str, str]]
-        if module._qkv_same_embed_dim:
-            parts = [(module, "in_proj_weight", "rows")]
-        else:
-            parts = [(module, p, "rows") for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-        if module.in_proj_bias is not None:
-            parts.append((module, "in_proj_bias", "bias"))
-        return heads, head_dim, parts + [(module.out_proj, "weight", "cols")]
-    hf: Any = module  # Hugging Face attention, recognised by its attributes
-    self_attn: Any = getattr(hf, "self", None)
-    output: Any = getattr(hf, "output", None)
-    if self_attn is not None and hasattr(self_attn, "num_attention_heads") and hasattr(output, "dense"):
-        # BERT-style: attention.self.{query,key,value} and attention.output.dense
-        heads, head_dim = self_attn.num_attention_heads, self_attn.attention_head_size
-        parts = []
-        for proj in (self_attn.query, self_attn.key, self_attn.value):
-            parts.append((proj, "weight", "rows"))
-            if proj.bias is not None:
-                parts.append((proj, "bias", "bias"))
-        return heads, head_dim, parts + [(output.dense, "weight", "cols")]
-    if hasattr(hf, "c_attn") and hasattr(hf, "c_proj") and hasattr(hf, "num_heads"):
-        if getattr(hf, "is_cross_attention", False):
-            return None
-        # GPT-2-style: c_attn stacks [q; k; v] (HF Conv1D), c_proj mixes the heads back
-        parts = [(hf.c_attn, "weight", "rows")]
-        if hf.c_attn.bias is not None:
-            parts.append((hf.c_attn, "bias", "bias"))
-        return hf.num_heads, hf.head_dim, parts + [(hf.c_proj, "weight", "cols")]
-    return None
-
-
-def _head_unit(name: str, module: nn.Module, module_names: dict[nn.Module, str], pattern: Pattern) -> Unit:
-    layout = _attention_layout(module)
-    assert layout is not None, f"{name} is not an attention module"
-    heads, head_dim, parts = layout
-    members: list[Member] = []
-    dims: list[tuple[int, ...]] = []
-    for sub, param, role in parts:
-        tensor = getattr(sub, param)
-        if role == "bias":
-            ids = _head_rows(tensor.shape[0], head_dim, heads)
-        else:
-            rows, cols = to_gemm(sub, tensor).shape
-            if role == "rows":
-                ids = _head_rows(rows, head_dim, heads)[:, None].expand(rows, cols)
-            else:
-                ids = (torch.arange(cols) // head_dim)[None, :].expand(rows, cols)
-            dims.append((rows, cols))
-        members.append(Member(module_names[sub], param, sub, ids, is_weight=role != "bias"))
-    return Unit(name, pattern, members, heads, dims)
 
 
 # ---- selection from a config -----------------------------------------------------------------
@@ -257,17 +215,20 @@ def find_units(model: nn.Module, config) -> list[Unit]:
         return not name_matches(name, config.exclude)
 
     if config.pattern.scope == "attention":
+        from .attention import attention_layout, head_unit  # attention builds on Unit: imported late
+
         module_names = {m: n for n, m in named}
-        units = [_head_unit(n, m, module_names, config.pattern) for n, m in named
-                 if _attention_layout(m) is not None and selected(n)]
+        units = [head_unit(n, m, module_names, config.pattern) for n, m in named
+                 if attention_layout(m) is not None and selected(n)]
         if not units:
             raise ConfigError(f"pattern '{config.pattern}' found no attention module to prune (supported: "
-                              "nn.MultiheadAttention, BERT- and GPT-2-style attention)")
+                              "nn.MultiheadAttention, BERT- and GPT-2-style attention, separate q/k/v/o projections)")
     else:
         units = []
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        dense = routers(model)
         for name, module in named:
-            if not is_layer(module, types) or not selected(name):  # the root counts too: a bare nn.Linear
+            if not is_layer(module, types) or not selected(name) or module in dense:  # the root counts too
                 continue
             if any(uses[id(getattr(module, w))] > 1 for w in weight_names(module)):
                 # a tied weight (GPT-2's lm_head is the token embedding): masking one user of it
@@ -288,3 +249,88 @@ def find_units(model: nn.Module, config) -> list[Unit]:
     for unit in units:
         unit.sparsity = config.sparsity_for(unit.name, unit.pattern)
     return units
+
+
+# ---- what a selection leaves out ---------------------------------------------------------------
+
+
+@dataclass
+class Uncovered:
+    """Parameters no mask reaches, grouped by name with layer indices as ``*``."""
+
+    name: str
+    reason: str
+    numel: int
+    count: int = 1
+    ndim: int = 2
+
+
+def stored_ids(units: list[Unit]) -> set[int]:
+    """The storage of every member of ``units`` (under a mask, the parametrization's original)."""
+    return {id(_stored(m.module, m.param)) for u in units for m in u.members}
+
+
+def default_targets(model: nn.Module) -> set[int]:
+    """The storage of every tensor a default config would mask (tied weights excluded)."""
+    uses = Counter(id(_stored(m, p)) for m in model.modules() if is_layer(m) for p in weight_names(m))
+    dense = routers(model)
+    ids = set()
+    for module in model.modules():
+        if is_layer(module, DEFAULT_MODULE_TYPES) and module not in dense:
+            stored = [id(_stored(module, p)) for p in weight_names(module)]
+            if all(uses[i] == 1 for i in stored):
+                ids.update(stored)
+    return ids
+
+
+def uncovered(model: nn.Module, covered: set[int]) -> list[Uncovered]:
+    """Every parameter of ``model`` whose storage is not in ``covered``, with why, biggest first."""
+    dense = routers(model)
+    groups: dict[tuple[str, str], Uncovered] = {}
+    for qualname, tensor in model.named_parameters():
+        if id(tensor) in covered:
+            continue
+        module_name, param = _owner_and_param(qualname)
+        module = model.get_submodule(module_name)
+        name = _glob(model, f"{module_name}.{param}" if module_name else param)
+        entry = groups.setdefault((name, _reason(module, tensor, dense)),
+                                  Uncovered(name, _reason(module, tensor, dense), 0, 0, tensor.dim()))
+        entry.numel += tensor.numel()
+        entry.count += 1
+    return sorted(groups.values(), key=lambda u: -u.numel)
+
+
+def _reason(module: nn.Module, tensor: Tensor, dense: set[nn.Module]) -> str:
+    if module in dense:
+        return "routers are kept dense (a pruned router row silences a whole expert)"
+    if tensor.dim() <= 1:
+        return "1-D norm/bias parameters are not pruned"
+    if is_layer(module, ("Embedding",)):
+        return "embeddings are opt-in (module_types=['Embedding'])"
+    if is_layer(module):
+        return "left out: by the config's include/exclude/overrides, or a tied weight"
+    return f"a parameter of {type(module).__name__}, not a layer type sparsenets prunes"
+
+
+def _owner_and_param(qualname: str) -> tuple[str, str]:
+    """('encoder.0', 'weight') for 'encoder.0.weight' or 'encoder.0.parametrizations.weight.original'."""
+    if ".parametrizations." in f".{qualname}":
+        head, _, tail = f".{qualname}".rpartition(".parametrizations.")
+        return head.lstrip("."), tail.split(".")[0]
+    module_name, _, param = qualname.rpartition(".")
+    return module_name, param
+
+
+def _glob(model: nn.Module, name: str) -> str:
+    """Indices into a ModuleList (repeated blocks) as ``*``: one line for the same parameter of
+    every block. Sequential indices stay: there each index is a different layer."""
+    parts = name.split(".")
+    return ".".join("*" if part.isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList)
+                    else part for i, part in enumerate(parts))
+
+
+def _stored(module: nn.Module, param: str) -> Tensor:
+    """The tensor a weight is stored in (under a mask, the parametrization's original)."""
+    if parametrize.is_parametrized(module, param):
+        return cast(Tensor, cast(nn.ModuleDict, module.parametrizations)[param].original)
+    return getattr(module, param)

@@ -1,15 +1,17 @@
 """Removing whole neurons and channels, together with everything that indexes them.
 
-A *channel group* is one layer's outputs plus what reads them: the BatchNorms on the way
-and the input columns of every layer downstream. Groups are found by tracing with torch.fx
-(on the largest submodules that trace) and from the known layout of transformer
-feed-forward blocks. Anything a trace can't account for (a residual add, a concatenation,
-the model's output, a reshape that names a size) ends the search and the layer stays whole.
+A *channel group* is one layer's outputs plus what reads them: the BatchNorms and depthwise
+convolutions on the way and the input columns of every layer downstream. Groups are found by
+tracing with torch.fx (on the largest submodules that trace) and from the known layout of
+transformer feed-forward blocks, plain and gated. Anything a trace can't account for (a
+concatenation, the model's output, a reshape that names a size) ends the search and the layer
+stays whole; sums of several layers' outputs are residual streams (:mod:`.graph`).
 
 An output channel can go when every reader either ignores it (its input weights are zero)
 or sees a known constant there: zero, or a value that folds into the reader's bias. A layer
 whose weight row is zero outputs its bias, so "dead" channels are constants, not zeros; the
-constant is carried through activations and BatchNorm (eval mode) to each reader.
+constant is carried through activations, BatchNorm (eval mode) and depthwise convolutions to
+each reader. In a gated block ``act(gate)·up`` is zero when either factor is a zero constant.
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ def _batchnorm(norm: S.BatchNorm) -> Step:
     return step
 
 
+def _depthwise(conv: nn.Module) -> Step:
+    """A depthwise convolution maps channel i to channel i: a zero filter outputs its bias; a
+    constant input stays constant where padding can't disturb it (always for zero inputs)."""
+    def step(values: Tensor) -> Tensor:
+        weight = S.weight_of(conv).detach()  # read now: another group may have cut it since
+        dead, bias = S.dead_outputs(conv), S.bias_or_zeros(conv)
+        moved = values * weight.reshape(weight.shape[0], -1).sum(dim=1) + bias
+        out = moved if S.can_fold(conv) else torch.where(values == 0, bias, math.nan)
+        return torch.where(dead, bias, out)
+    return step
+
+
 def _pool(pool: nn.Module) -> Step:
     # Max and adaptive pools map a constant plane to itself; average pooling with zero
     # padding counted in does not (the border averages in the padding), except for zeros.
@@ -117,18 +131,51 @@ class Reader:
 
 @dataclass
 class ChannelGroup:
+    """A producer's output channels, the per-channel layers they pass through, and their readers.
+
+    ``through`` holds BatchNorms and depthwise convolutions on the way (cut along with the
+    channels). A gated group computes ``gate_step(gate(x)) * producer(x)`` before its readers.
+    """
+
     name: str
     producer: nn.Module
     readers: list[Reader]
-    norms: list[S.BatchNorm] = field(default_factory=list)
+    through: list[nn.Module] = field(default_factory=list)
+    gate: nn.Module | None = None
+    gate_step: Step | None = None
+
+    def modules(self) -> list[nn.Module]:
+        gate = [self.gate] if self.gate is not None else []
+        return [self.producer, *gate, *self.through, *(r.module for r in self.readers)]
 
 
-def shrink_group(group: ChannelGroup) -> str | None:
-    """Remove the group's removable channels; returns what was done, or None."""
-    producer = group.producer
-    dead = S.dead_outputs(producer)
-    values = torch.where(dead, S.bias_or_zeros(producer), math.nan)
-    removable = torch.ones_like(dead)
+@dataclass
+class Shrunk:
+    """What :func:`shrink_group` did: a line for what went and one for zero channels kept."""
+
+    removed: str | None = None
+    kept: list[str] = field(default_factory=list)
+
+
+def _constants(group: ChannelGroup) -> Tensor:
+    """Per channel, the constant the readers' input sees before their own steps (NaN: not constant).
+
+    Gated: ``act(g)·u`` is zero when either factor is a zero constant, whatever the other is.
+    """
+    values = torch.where(S.dead_outputs(group.producer), S.bias_or_zeros(group.producer), math.nan)
+    if group.gate is None or group.gate_step is None:
+        return values
+    gate = S.bias_or_zeros(group.gate)
+    gate = group.gate_step(torch.where(S.dead_outputs(group.gate), gate, math.nan))
+    return torch.where((values == 0) | (gate == 0), 0.0, values * gate)
+
+
+def shrink_group(group: ChannelGroup) -> Shrunk:
+    """Remove the group's removable channels; says what went and which zero channels stayed."""
+    values = _constants(group)
+    constant = torch.isfinite(values)
+    zero_rows = _zero_rows(group)
+    removable = torch.ones_like(constant)
     plans = []
     for reader in group.readers:
         at_reader = reader.constants(values)
@@ -136,29 +183,68 @@ def shrink_group(group: ChannelGroup) -> str | None:
         foldable = torch.isfinite(at_reader) & S.can_fold(reader.module)
         removable &= free | foldable
         plans.append((reader, at_reader, free))
-    merged = _merge_constants(plans[0], dead, removable) if len(plans) == 1 else torch.zeros_like(dead)
+    merged = _merge_constants(plans[0], constant, removable) if len(plans) == 1 else torch.zeros_like(constant)
     removable |= merged
     if removable.all():  # keep one channel: a layer with no outputs is not a layer
-        removable[int(torch.argmin(dead.to(torch.int8)))] = False
+        removable[int(torch.argmin(constant.to(torch.int8)))] = False
+    kept = _why_kept(group, zero_rows & ~removable, values, plans)
     if not removable.any():
-        return None
+        return Shrunk(None, kept)
     keep = (~removable).nonzero().squeeze(1)
     for reader, at_reader, free in plans:
         fold = removable & ~free & ~merged
         if fold.any():
             S.fold_constant_inputs(reader.module, fold.nonzero().squeeze(1), at_reader[fold], reader.spread)
         S.keep_inputs(reader.module, keep, reader.spread)
-    for norm in group.norms:
-        S.keep_batchnorm_channels(norm, keep)
-    S.keep_outputs(producer, keep)
+    for module in group.through:
+        S.keep_channels(module, keep)
+    for producer in (group.producer, group.gate):
+        if producer is not None:
+            S.keep_outputs(producer, keep)
     readers = ", ".join(r.name for r in group.readers)
-    return f"{group.name}: removed {int(removable.sum())} of {removable.numel()} outputs (and inputs of {readers})"
+    return Shrunk(f"{group.name}: removed {int(removable.sum())} of {removable.numel()} outputs "
+                  f"(and inputs of {readers})", kept)
 
 
-def _merge_constants(plan: tuple[Reader, Tensor, Tensor], dead: Tensor, removable: Tensor) -> Tensor:
+def _zero_rows(group: ChannelGroup) -> Tensor:
+    """Channels some producer of the group has no weights for: what a channel mask zeroed."""
+    dead = S.dead_outputs(group.producer)
+    return dead | S.dead_outputs(group.gate) if group.gate is not None else dead
+
+
+def _why_kept(group: ChannelGroup, kept: Tensor, values: Tensor, plans: list) -> list[str]:
+    """One line on why zero channels stayed (``kept``): the reason that applies to most."""
+    count = int(kept.sum())
+    if not count:
+        return []
+    reasons: Counter[str] = Counter()
+    for channel in kept.nonzero().squeeze(1).tolist():
+        reasons[_reason(group, channel, values, plans)] += 1
+    reason = reasons.most_common(1)[0][0]
+    return [f"{group.name}: {count} zero channels kept: {reason}"]
+
+
+def _reason(group: ChannelGroup, channel: int, values: Tensor, plans: list) -> str:
+    if group.gate is not None and not math.isfinite(float(values[channel])):
+        if bool(S.dead_outputs(group.gate)[channel]):
+            return ("the gate row is zero but act(gate bias) is not 0 and the up row is not zero, "
+                    "so act(gate)·up is not constant")
+        return "the up row is zero but its bias is not, and the gate row is not zero"
+    for reader, at_reader, free in plans:
+        if bool(free[channel]):
+            continue
+        value = float(at_reader[channel])
+        if math.isfinite(value):
+            return (f"{reader.name} still reads them and sees a constant {value:.3g} that a zero-padded "
+                    "convolution cannot fold (it is not constant at the border)")
+        return f"{reader.name} still reads them and they are not constant there"
+    return "one channel stays so that the layer keeps an output"
+
+
+def _merge_constants(plan: tuple[Reader, Tensor, Tensor], constant: Tensor, removable: Tensor) -> Tensor:
     """Constant channels a padded convolution reads: all but one can go (see merge_constant_inputs)."""
     reader, at_reader, _ = plan
-    merge = dead & torch.isfinite(at_reader) & (at_reader != 0) & ~removable
+    merge = constant & torch.isfinite(at_reader) & (at_reader != 0) & ~removable
     if int(merge.sum()) < 2 or reader.spread != 1:
         return torch.zeros_like(merge)
     target = int(torch.argmax(torch.where(merge, at_reader.abs(), -1.0)))
@@ -171,24 +257,77 @@ def _merge_constants(plan: tuple[Reader, Tensor, Tensor], dead: Tensor, removabl
 
 
 def feedforward_groups(model: nn.Module) -> Iterator[ChannelGroup]:
-    """The hidden neurons of BERT-, GPT-2- and torch-style transformer MLPs."""
+    """The hidden neurons of known transformer MLPs, found by their attribute names.
+
+    Plain: ``out(act(inner(x)))`` — BERT/ViT ``intermediate.dense``/``output.dense``, GPT-2
+    ``c_fc``/``c_proj``, OPT ``fc1``/``fc2``, T5 ``wi``/``wo``, torch ``linear1``/``linear2``.
+    Gated: ``down(act(gate(x)) * up(x))`` — Llama, Mistral, Qwen2 ``gate_proj``/``up_proj``/
+    ``down_proj``, T5 ``wi_0``/``wi_1``/``wo``.
+    """
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        # Hugging Face blocks, recognised by their attributes
-        inter: Any = getattr(module, "intermediate", None)
-        out: Any = getattr(module, "output", None)
-        if (isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear)
-                and is_elementwise(getattr(inter, "intermediate_act_fn", None))):
-            yield ChannelGroup(f"{prefix}intermediate.dense", inter.dense,
-                               [Reader(f"{prefix}output.dense", out.dense, 1, (_apply(inter.intermediate_act_fn),))])
-        elif (is_hf_conv1d(getattr(module, "c_fc", None)) and is_hf_conv1d(getattr(module, "c_proj", None))
-              and is_elementwise(getattr(module, "act", None))):
-            yield ChannelGroup(f"{prefix}c_fc", module.c_fc,
-                               [Reader(f"{prefix}c_proj", module.c_proj, 1, (_apply(module.act),))])
-        elif isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and is_elementwise(
-                module.activation):
-            yield ChannelGroup(f"{prefix}linear1", module.linear1,
-                               [Reader(f"{prefix}linear2", module.linear2, 1, (_apply(module.activation),))])
+        for layout in (_intermediate, _gpt2, _pair("fc1", "fc2", "activation_fn"), _pair("wi", "wo", "act"),
+                       _torch_layer, _gated("gate_proj", "up_proj", "down_proj", "act_fn"),
+                       _gated("wi_0", "wi_1", "wo", "act")):
+            if group := layout(prefix, module):
+                yield group
+                break
+
+
+Layout = Callable[[str, nn.Module], "ChannelGroup | None"]
+
+
+def _linear(module: object) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _intermediate(prefix: str, module: nn.Module) -> ChannelGroup | None:
+    inter: Any = getattr(module, "intermediate", None)
+    out: Any = getattr(module, "output", None)
+    if (_linear(getattr(inter, "dense", None)) and _linear(getattr(out, "dense", None))
+            and is_elementwise(getattr(inter, "intermediate_act_fn", None))):
+        return ChannelGroup(f"{prefix}intermediate.dense", inter.dense,
+                            [Reader(f"{prefix}output.dense", out.dense, 1, (_apply(inter.intermediate_act_fn),))])
+    return None
+
+
+def _gpt2(prefix: str, module: nn.Module) -> ChannelGroup | None:
+    fc, proj, act = (getattr(module, a, None) for a in ("c_fc", "c_proj", "act"))
+    if is_hf_conv1d(fc) and is_hf_conv1d(proj) and is_elementwise(act):
+        return ChannelGroup(f"{prefix}c_fc", cast(nn.Module, fc),
+                            [Reader(f"{prefix}c_proj", cast(nn.Module, proj), 1, (_apply(cast(nn.Module, act)),))])
+    return None
+
+
+def _torch_layer(prefix: str, module: nn.Module) -> ChannelGroup | None:
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and is_elementwise(
+            module.activation):
+        return ChannelGroup(f"{prefix}linear1", module.linear1,
+                            [Reader(f"{prefix}linear2", module.linear2, 1, (_apply(module.activation),))])
+    return None
+
+
+def _pair(inner: str, outer: str, act: str) -> Layout:
+    """``outer(act(inner(x)))``, Dropout allowed between (identity in eval mode)."""
+    def layout(prefix: str, module: nn.Module) -> ChannelGroup | None:
+        first, second, fn = (getattr(module, a, None) for a in (inner, outer, act))
+        if _linear(first) and _linear(second) and is_elementwise(fn):
+            return ChannelGroup(f"{prefix}{inner}", cast(nn.Module, first),
+                                [Reader(f"{prefix}{outer}", cast(nn.Module, second), 1, (_apply(cast(Callable, fn)),))])
+        return None
+    return layout
+
+
+def _gated(gate: str, up: str, down: str, act: str) -> Layout:
+    """``down(act(gate(x)) * up(x))``: a hidden channel is zero when its up row is zero (no bias),
+    or its gate row is zero with ``act(gate bias or 0) == 0`` (SiLU, GELU, ReLU of 0)."""
+    def layout(prefix: str, module: nn.Module) -> ChannelGroup | None:
+        g, u, d, fn = (getattr(module, a, None) for a in (gate, up, down, act))
+        if _linear(g) and _linear(u) and _linear(d) and is_elementwise(fn):
+            return ChannelGroup(f"{prefix}{up}", cast(nn.Module, u), [Reader(f"{prefix}{down}", cast(nn.Module, d))],
+                                gate=cast(nn.Module, g), gate_step=_apply(cast(Callable, fn)))
+        return None
+    return layout
 
 
 # ---- traced models ---------------------------------------------------------------------------------
@@ -225,6 +364,14 @@ class _Stop(Exception):
     """The channels reach something we can't follow."""
 
 
+class _Output(_Stop):
+    """The channels are outputs of the traced region."""
+
+
+def _stop_at(user: fx.Node) -> _Stop:
+    return (_Output if user.op == "output" else _Stop)(_why(user))
+
+
 @dataclass
 class _Search:
     root: nn.Module
@@ -232,7 +379,7 @@ class _Search:
     usable: Callable[[str], bool]
     shapes: dict[nn.Module, Calls]
     readers: list[Reader] = field(default_factory=list)
-    norms: list[S.BatchNorm] = field(default_factory=list)
+    through: list[nn.Module] = field(default_factory=list)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.root.get_submodule(cast(str, node.target))  # a call_module node's target: its name
@@ -246,16 +393,12 @@ class _Search:
 
 
 def graph_groups(prefix: str, root: nn.Module, graph: fx.Graph, shapes: dict[nn.Module, Calls],
-                 shared: set[int]) -> list[ChannelGroup]:
-    """Channel groups of every layer in a traced graph whose channels can be followed to their readers."""
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
+                 shared: set[int], stopped: dict[str, str] | None = None) -> list[ChannelGroup]:
+    """Channel groups of every layer in a traced graph whose channels can be followed to their readers.
 
-    def usable(target: str) -> bool:
-        # called once, never read as a tensor elsewhere, not shared with another path
-        return (calls[target] == 1 and id(root.get_submodule(target)) not in shared
-                and not any(a == target or a.startswith(target + ".") for a in attrs))
-
+    ``stopped`` receives, per layer whose channels could not be followed, what stopped them.
+    """
+    usable = usable_in(root, graph, shared)
     groups = []
     for node in graph.nodes:
         if node.op != "call_module" or not usable(node.target):
@@ -270,11 +413,44 @@ def graph_groups(prefix: str, root: nn.Module, graph: fx.Graph, shapes: dict[nn.
             axes = {1, -1}
         try:
             _follow(node, search, axes, shape, 1, ())
-        except _Stop:
+        except _Stop as stop:
+            if stopped is not None:  # the model's own outputs need no explanation: ""
+                model_output = isinstance(stop, _Output) and not prefix
+                stopped[search.qualname(node.target)] = "" if model_output else str(stop)
             continue
         if search.readers:
-            groups.append(ChannelGroup(search.qualname(node.target), module, search.readers, search.norms))
+            groups.append(ChannelGroup(search.qualname(node.target), module, search.readers, search.through))
     return groups
+
+
+def usable_in(root: nn.Module, graph: fx.Graph, shared: set[int]) -> Callable[[str], bool]:
+    """Whether a layer of the graph may be cut: called once, its weights not read as tensors
+    elsewhere, not shared with another path."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    attrs = [n.target for n in graph.nodes if n.op == "get_attr" and not _reads_only_metadata(n)]
+
+    def usable(target: str) -> bool:
+        return (calls[target] == 1 and id(root.get_submodule(target)) not in shared
+                and not any(a == target or a.startswith(target + ".") for a in attrs))
+    return usable
+
+
+def _reads_only_metadata(node: fx.Node) -> bool:
+    """A weight read only for its dtype or device (T5's cast before ``wo``), or not at all."""
+    return all(u.op == "call_function" and u.target is getattr and u.args[1:] in (("dtype",), ("device",))
+               for u in node.users)
+
+
+def _why(user: fx.Node) -> str:
+    """What a channel search stopped at, in words."""
+    if user.op == "output":
+        return "they are outputs of a traced region (the model output or a residual stream)"
+    name = getattr(user.target, "__name__", str(user.target))
+    if user.op == "call_function" and user.target in (operator.add, operator.iadd, torch.add):
+        return "they join a residual sum with other layers' outputs"
+    if name in ("cat", "concat", "stack"):
+        return f"they are concatenated ({name})"
+    return f"they reach `{name}` ({user.op}), which the channel search does not follow"
 
 
 def _only_input(user: fx.Node, node: fx.Node) -> None:
@@ -282,7 +458,7 @@ def _only_input(user: fx.Node, node: fx.Node) -> None:
     others: list[fx.Node] = []
     fx.node.map_arg((user.args[1:], user.kwargs), others.append)
     if not user.args or user.args[0] is not node or node in others:
-        raise _Stop
+        raise _stop_at(user)
 
 
 def _constant_args(user: fx.Node) -> None:
@@ -290,7 +466,7 @@ def _constant_args(user: fx.Node) -> None:
     found: list[fx.Node] = []
     fx.node.map_arg((user.args[1:], user.kwargs), found.append)
     if found:
-        raise _Stop
+        raise _stop_at(user)
 
 
 def _reads_only_batch_size(user: fx.Node, node: fx.Node) -> bool:
@@ -339,25 +515,30 @@ def _follow(node: fx.Node, search: _Search, axes: set[int], shape: tuple[int, ..
         target = cast(str, user.target)  # the module's name when module is not None
         stateless = module is not None and (is_elementwise(module) or isinstance(module, (POOLS, nn.Flatten)))
         if module is not None and not stateless and not search.usable(target):
-            raise _Stop  # a layer we would cut is used elsewhere too (one ReLU reused is fine)
+            raise _Stop(f"{search.qualname(target)} is called twice or read as a tensor")
         if module is not None and S.is_gemm_layer(module):
             wanted = 1 if isinstance(module, S.CONV_TYPES) else -1
             if wanted not in axes or (wanted == 1 and spread != 1):
-                raise _Stop
+                raise _Stop(f"{search.qualname(target)} reads them along another axis")
             search.readers.append(Reader(search.qualname(target), module, spread, steps))
+        elif module is not None and S.is_depthwise(module):
+            if 1 not in axes or spread != 1:
+                raise _Stop(f"{search.qualname(target)} reads them along another axis")
+            search.through.append(module)
+            _follow(user, search, {1}, search.output_shape(module), spread, steps + (_depthwise(module),))
         elif _flattens(user, node, module):
             if shape is None or 1 not in axes or spread != 1:
-                raise _Stop
+                raise _Stop("a flatten whose sizes are unknown")
             inner = math.prod(shape[2:])
             _follow(user, search, {1, -1}, (shape[0], math.prod(shape[1:])), inner, steps)
         elif module is not None and isinstance(module, S.BATCHNORM_TYPES):
             if 1 not in axes or spread != 1:
-                raise _Stop
-            search.norms.append(module)
+                raise _Stop(f"{search.qualname(target)} normalizes another axis")
+            search.through.append(module)
             _follow(user, search, axes, shape, spread, steps + (_batchnorm(module),))
         elif module is not None and isinstance(module, POOLS):
             if 1 not in axes or spread != 1 or shape is None or len(shape) < 3:
-                raise _Stop
+                raise _Stop(f"{search.qualname(target)} pools another axis")
             _follow(user, search, {1}, search.output_shape(module), spread, steps + (_pool(module),))
         elif module is not None and isinstance(module, IDENTITY_MODULES):
             _follow(user, search, axes, shape, spread, steps)
@@ -375,4 +556,4 @@ def _follow(node: fx.Node, search: _Search, axes: set[int], shape: tuple[int, ..
             method = user.target.rstrip("_")
             _follow(user, search, axes, shape, spread, steps + (_apply(operator.methodcaller(method)),))
         else:
-            raise _Stop
+            raise _stop_at(user)

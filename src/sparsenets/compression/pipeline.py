@@ -30,11 +30,12 @@ from ..io.architecture import describe_layer
 from ..masking import finalize_, masks
 from ..record import get_record, set_record
 from . import choose as C
-from .channels import feedforward_groups, graph_groups, shrink_group, traced_regions
+from .channels import ChannelGroup, feedforward_groups, graph_groups, shrink_group, traced_regions, usable_in
 from .choose import LayerChoice
+from .graph import Stream, shrink_stream, stream_groups
 from .heads import shrink_heads
 from .probe import probe
-from .surgery import CONV_TYPES
+from .surgery import CONV_TYPES, dead_outputs, is_gemm_layer
 
 __all__ = ["CompressReport", "LayerChoice", "compress"]
 
@@ -126,20 +127,51 @@ def _compress(model: nn.Module, example_input: Any, autotune: bool, shrink: bool
     shared = _shared_modules(work, shapes)
     regions = list(traced_regions(work))
     if shrink:
-        report.removed += shrink_heads(work, shared)
-        groups = list(feedforward_groups(work))
-        groups += [g for prefix, root, graph in regions for g in graph_groups(prefix, root, graph, shapes, shared)]
-        for group in groups:
-            if id(group.producer) in shared or any(id(r.module) in shared for r in group.readers):
-                continue
-            if note := shrink_group(group):
-                report.removed.append(note)
+        for line in shrink_heads(work, shared):  # a "kept: why" line is a note, not a removal
+            (report.notes if "; kept:" in line else report.removed).append(line)
+        _shrink_channels(work, regions, shapes, shared, report)
         if report.removed and (mismatch := _check(work, example_input, expected)):
             return work, report, mismatch
     swaps = _choose_kernels(work, patterns, shapes, shared | _read_as_tensors(work, regions), autotune, report)
     work = _apply(work, swaps, lambda model: _check(model, example_input, expected), report)
     report.params_after = _n_params(work)
     return work, report, None
+
+
+def _shrink_channels(work: nn.Module, regions: list, shapes: dict, shared: set[int],
+                     report: CompressReport) -> None:
+    """Cut every channel group; then a note for each layer that still has zero outputs, saying why."""
+    stopped: dict[str, str] = {}
+    groups: list[ChannelGroup | Stream] = list(feedforward_groups(work))
+    for prefix, root, graph in regions:
+        groups += graph_groups(prefix, root, graph, shapes, shared, stopped)
+        groups += stream_groups(prefix, root, graph, shapes, usable_in(root, graph, shared), stopped)
+    explained = set()
+    for group in groups:
+        if any(id(m) in shared for m in group.modules()):
+            stopped[group.name] = "a layer of its group is shared or called twice"
+            continue
+        done = shrink_group(group) if isinstance(group, ChannelGroup) else shrink_stream(group)
+        if done.removed:
+            report.removed.append(done.removed)
+        report.notes += done.kept
+        writers = [group.producer, group.gate] if isinstance(group, ChannelGroup) else group.producers.values()
+        explained |= {id(m) for m in writers}
+    report.notes += _unexplained_zeros(work, explained, stopped)
+
+
+def _unexplained_zeros(work: nn.Module, explained: set[int], stopped: dict[str, str]) -> list[str]:
+    """'name: N zero outputs kept: why' for layers with zero rows no group accounted for."""
+    notes = []
+    for name, module in work.named_modules():
+        if id(module) in explained or not is_gemm_layer(module):
+            continue
+        dead = int(dead_outputs(module).sum())
+        why = stopped.get(name, "no channel search reached their readers (not traceable by torch.fx "
+                                "and not a known block layout, or they are the model's outputs)")
+        if dead and why:  # "": the model's own outputs, kept by definition
+            notes.append(f"{name}: {dead} zero outputs kept: {why}")
+    return notes
 
 
 def _check(model: nn.Module, example_input: Any, expected: Any) -> str | None:

@@ -28,6 +28,12 @@ def is_gemm_layer(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES) and module.groups == 1
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution with one filter per input channel: channel i in, channel i out."""
+    return (isinstance(module, CONV_TYPES) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 def weight_of(module: nn.Module) -> Tensor:
     """The ``weight`` of a layer known to have one (torch types module attributes as ``Tensor | Module``)."""
     return cast(Tensor, module.weight)
@@ -143,4 +149,14 @@ def keep_batchnorm_channels(norm: BatchNorm, keep: Tensor) -> None:
         if getattr(norm, name, None) is not None:
             _replace(norm, name, getattr(norm, name).detach()[keep])
     norm.num_features = keep.numel()
+
+
+def keep_channels(module: nn.Module, keep: Tensor) -> None:
+    """Keep channels ``keep`` of a layer that maps channel i to channel i (BatchNorm, depthwise conv)."""
+    if isinstance(module, BATCHNORM_TYPES):
+        keep_batchnorm_channels(module, keep)
+        return
+    keep_outputs(module, keep)  # a depthwise filter is one output row
+    for size in ("in_channels", "groups"):
+        setattr(module, size, keep.numel())
 
