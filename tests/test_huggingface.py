@@ -222,3 +222,150 @@ def test_a_finalized_model_saves_its_zeros_and_recipe_without_masks(tmp_path):
     assert record["layers"]["model.layers.0.mlp.up_proj"] == {"pattern": "dense", "density": 0.5}  # no mask: "dense"
     with pytest.raises(TypeError, match="got Linear"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)
+
+
+# ---- compressed models through save_pretrained / from_pretrained ---------------------------------
+
+
+def tiny(family: str):
+    torch.manual_seed(0)
+    if family == "llama":
+        return tiny_llama().eval()
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)).eval()
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=64)).eval()
+
+
+def layers(model):
+    return model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+
+
+def zero_out(model, groups: list[list[int]], channels: list[list[int]]):
+    """Zero attention groups (output-projection columns) and MLP channels (up/fc1 rows), per layer."""
+    with torch.no_grad():
+        for layer, gone, cut in zip(layers(model), groups, channels):
+            attn = layer.self_attn
+            output = getattr(attn, "o_proj", None) or attn.out_proj
+            width = output.in_features // getattr(attn.config, "num_key_value_heads", attn.config.num_attention_heads)
+            for g in gone:
+                output.weight[:, g * width:(g + 1) * width] = 0
+            up = layer.mlp.up_proj if hasattr(layer, "mlp") else layer.fc1
+            up.weight[cut] = 0
+            if up.bias is not None:
+                up.bias[cut] = 0
+    return model
+
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def greedy(model) -> torch.Tensor:
+    return model.generate(IDS[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=4,
+                          do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize(("family", "groups", "heads", "kv_heads", "mlp"), [
+    ("llama", [[1], [0]], 2, 1, "intermediate_size"), ("qwen2", [[0], [0]], 2, 1, "intermediate_size"),
+    ("opt", [[], []], 4, None, "ffn_dim")])  # OPT keeps its heads: see the test below
+def test_uniformly_compressed_model_loads_with_plain_from_pretrained(tmp_path, family, groups, heads, kv_heads, mlp):
+    dense = zero_out(tiny(family), groups, [list(range(0, 64, 2))] * 2)  # 32 of 128 channels in each layer
+    compressed = sn.compress(dense, {"input_ids": IDS}, autotune=False)
+    assert n_params(compressed) < n_params(dense)
+    tokens_before = greedy(compressed)
+    save_pretrained(compressed, tmp_path)
+    loaded = type(dense).from_pretrained(tmp_path).eval()
+    assert (loaded.config.num_attention_heads, getattr(loaded.config, "num_key_value_heads", None)) == (heads, kv_heads)
+    assert getattr(loaded.config, mlp) == 96
+    assert n_params(loaded) == n_params(compressed)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, compressed(IDS).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(compressed(IDS).logits, dense(IDS).logits, atol=1e-5, rtol=0)
+    assert torch.equal(greedy(loaded), tokens_before)
+    assert torch.equal(tokens_before, greedy(dense))
+    assert compressed.config.num_attention_heads == 4  # the live model's config is left as it was
+    assert not hasattr(compressed.config, "sparsenets")
+
+
+def test_config_records_the_compression(tmp_path):
+    compressed = sn.compress(zero_out(tiny("qwen2"), [[1], [1]], [[0, 5]] * 2), {"input_ids": IDS}, autotune=False)
+    save_pretrained(compressed, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # hidden_size // num_attention_heads would now give 32: head_dim is written out
+    assert (saved["num_attention_heads"], saved["num_key_value_heads"], saved["head_dim"]) == (2, 1, 16)
+    assert saved["intermediate_size"] == 126
+    record = saved["sparsenets"]["compressed"]
+    assert record["config_changes"] == {"head_dim": [None, 16], "num_attention_heads": [4, 2],
+                                        "num_key_value_heads": [2, 1], "intermediate_size": [128, 126]}
+    assert record["params_before"] == n_params(tiny("qwen2"))
+    assert record["params_after"] == n_params(compressed)
+    assert record["removed"] == compressed.compress_report.removed
+    assert "model.layers.1.self_attn: removed 1 of 2 key/value groups (2 query heads each)" in record["removed"]
+
+
+@pytest.mark.parametrize(("groups", "channels", "message"), [
+    ([[1], []], [[], []], r"num_attention_heads \[2, 4\]; num_key_value_heads \[1, 2\]"),
+    ([[], []], [[0], [0, 1]], r"intermediate_size \[127, 126\]")])
+def test_layers_of_different_sizes_name_sparsenets_save(tmp_path, groups, channels, message):
+    compressed = sn.compress(zero_out(tiny("llama"), groups, channels), {"input_ids": IDS}, autotune=False)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        save_pretrained(compressed, tmp_path)
+    assert "kept different sizes" in str(raised.value)
+    assert "sparsenets.save(model, file)" in str(raised.value)
+    assert "sparsenets.load(file, model=...)" in str(raised.value)
+    assert not (tmp_path / "config.json").exists()
+    # what the message says works
+    loaded = sn.load(sn.save(compressed, tmp_path / "m.safetensors"), model=lambda: tiny("llama"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(IDS).logits, compressed(IDS).logits, atol=1e-6, rtol=0)
+
+
+def test_a_family_whose_config_cannot_describe_the_shapes_raises(tmp_path):
+    # OPT derives head_dim from hidden_size // num_attention_heads: it has no setting for fewer heads
+    compressed = sn.compress(zero_out(tiny("opt"), [[1], [2]], [[], []]), {"input_ids": IDS}, autotune=False)
+    with pytest.raises(CheckpointError, match=r"OPTConfig with .*num_attention_heads=3 does not build OPTForCausalLM "
+                                              r".*sparsenets\.save"):
+        save_pretrained(compressed, tmp_path)
+    # Qwen2: a dead value group's bias folds into o_proj.bias, which Qwen2's config has no place for
+    model = tiny("qwen2")
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.self_attn.v_proj.weight[16:] = 0
+            layer.self_attn.v_proj.bias[16:] = 0.5
+    compressed = sn.compress(model, {"input_ids": IDS}, autotune=False)
+    bias = r"model\.layers\.0\.self_attn\.o_proj\.bias \(not in the config's model\)"
+    with pytest.raises(CheckpointError, match=rf"Qwen2Config cannot describe .*{bias}"):
+        save_pretrained(compressed, tmp_path)
+
+
+@pytest.mark.parametrize(("family", "key"), [("gpt2", "n_inner"), ("distilbert", "hidden_dim")])
+def test_mlp_width_goes_under_the_familys_own_key(tmp_path, family, key):
+    """GPT-2's n_inner starts as None (4 * n_embd); DistilBERT's FFN is cut by the traced search."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=4,
+                                                                     n_positions=16)).eval()
+        producers = [(block.mlp.c_fc.weight.T, block.mlp.c_fc.bias) for block in model.transformer.h]
+    else:
+        model = transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=50, dim=16, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=16)).eval()
+        producers = [(layer.ffn.lin1.weight, layer.ffn.lin1.bias) for layer in model.transformer.layer]
+    with torch.no_grad():
+        for weight, bias in producers:
+            weight[:4] = 0
+            bias[:4] = 0
+    ids = IDS[:, :7] % 50
+    compressed = sn.compress(model, {"input_ids": ids}, autotune=False)
+    save_pretrained(compressed, tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert getattr(loaded.config, key) == 60
+    assert n_params(loaded) == n_params(compressed) == n_params(model) - 2 * 4 * (16 + 1 + 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], compressed(ids)[0], atol=1e-5, rtol=0)

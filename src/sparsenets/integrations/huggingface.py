@@ -6,6 +6,12 @@
   (:data:`MASKS_FILE`) and the recipe to ``config.json`` (``config.sparsenets``).
 - :func:`restore_masks` puts the masks back on the loaded model for further sparse training.
 
+A model from :func:`sparsenets.compress` with heads or MLP channels removed saves with its
+``config.json`` rewritten to the new sizes (``num_attention_heads``, ``num_key_value_heads``,
+``head_dim``, ``intermediate_size`` or the family's name for it) when every layer kept the same
+number, so plain ``from_pretrained`` builds the smaller model; otherwise it raises
+:class:`~sparsenets.errors.CheckpointError` and ``sparsenets.save``/``sparsenets.load`` is the way.
+
 ``model.save_pretrained`` of a masked model would write parametrize's keys
 (``…parametrizations.weight.original``), which ``from_pretrained`` does not recognise: it would
 re-initialise those weights without an error.
@@ -13,6 +19,7 @@ re-initialise those weights without an error.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -27,6 +34,8 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from .._version import __version__
+from ..attention import projections
+from ..compression.channels import feedforward_groups
 from ..config import SparsityConfig, as_config
 from ..errors import CheckpointError
 from ..masking import Mask, attach, masks, parametrization_list
@@ -98,28 +107,145 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, method: Method | None = None,
                     config: SparsityConfig | dict | str | None = None, **kwargs: Any) -> Path:
-    """``model.save_pretrained(path, **kwargs)`` for a masked model; returns ``path``.
+    """``model.save_pretrained(path, **kwargs)`` for a masked or compressed model; returns ``path``.
 
     Weights are saved with the masks applied under their plain names (plain ``from_pretrained``
     loads them, zeros included), the masks in ``path/sparsenets_masks.safetensors``, and
     ``config.json`` gets ``sparsenets``: the version, the method and its options, the
     sparsity config (``config``, or the method's), and each layer's pattern and density.
+
+    A model that :func:`sparsenets.compress` made smaller (heads, key/value groups or MLP channels
+    removed) is saved with the new sizes in ``config.json`` (see :func:`shrunk_config`), and
+    ``sparsenets.compressed`` records the compression. Raises
+    :class:`~sparsenets.errors.CheckpointError` when the config cannot describe the model (layers
+    kept different numbers of heads or channels, or a family whose config has no such setting):
+    save such a model with ``sparsenets.save`` and load it with ``sparsenets.load(path, model=...)``.
+    The live model and its config are left as they were.
     """
     if not callable(getattr(model, "save_pretrained", None)) or not hasattr(model, "config"):
         raise TypeError(f"save_pretrained needs a Hugging Face model (a PreTrainedModel), got {type(model).__name__}")
     path, state = Path(path), plain_state_dict(model)
-    hf_config: Any = model.config
-    had, previous = hasattr(hf_config, "sparsenets"), getattr(hf_config, "sparsenets", None)
-    hf_config.sparsenets = recipe(model, method, config)
-    try:  # the record describes this save only: the live model's config is left as it was
+    live: Any = model.config
+    saved, changes = shrunk_config(model, state)
+    saved.sparsenets = recipe(model, method, config)
+    if changes or getattr(model, "compress_report", None) is not None:
+        saved.sparsenets["compressed"] = _compression(model, changes)
+    model.config = saved  # what model.save_pretrained writes; the live config is not touched
+    try:
         model.save_pretrained(path, state_dict=state, **kwargs)  # type: ignore[operator]
     finally:
-        if had:
-            hf_config.sparsenets = previous
-        else:
-            del hf_config.sparsenets
+        model.config = live
     _save_masks(model, path / MASKS_FILE)
     return path
+
+
+# config keys of an MLP's hidden width, by family: Llama/Qwen2/Mistral/BERT/ViT, OPT, DistilBERT, GPT-2, T5
+MLP_KEYS = ("intermediate_size", "ffn_dim", "hidden_dim", "n_inner", "d_ff")
+
+
+def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """Each layer's head, key/value head and MLP hidden counts, read from the weights' shapes.
+
+    Keys: ``num_attention_heads`` and ``num_key_value_heads`` (attention with separate q/k/v/o
+    projections) and ``mlp`` (known transformer MLPs), each a list in module order.
+    """
+    sizes: dict[str, list[int]] = {"num_attention_heads": [], "num_key_value_heads": [], "mlp": []}
+    for module in model.modules():
+        if (p := projections(module)) is not None:
+            sizes["num_attention_heads"].append(p.heads)
+            sizes["num_key_value_heads"].append(p.kv_heads)
+    producers: list[Any] = [group.producer for group in feedforward_groups(model)]
+    producers += [m.lin1 for m in model.modules()  # DistilBERT's FFN (cut by the traced channel search)
+                  if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("lin1", "lin2"))]
+    for producer in producers:
+        width = getattr(producer, "out_features", None) or getattr(producer, "nf", None)
+        if isinstance(width, int):
+            sizes["mlp"].append(width)
+    return {key: values for key, values in sizes.items() if values}
+
+
+def shrunk_config(model: nn.Module, state: dict[str, Tensor] | None = None) -> tuple[Any, dict[str, list[Any]]]:
+    """A copy of ``model.config`` with the sizes ``model`` has now, and the changes as ``{key: [old, new]}``.
+
+    When the model's head or MLP sizes differ from its config, the copy gets the new
+    ``num_attention_heads``, ``num_key_value_heads`` (with ``head_dim`` set, which
+    ``hidden_size // num_attention_heads`` would no longer give) and MLP width, and is checked:
+    the family's model built from it (on the meta device) must have exactly the tensors of
+    ``state`` (default: :func:`plain_state_dict`), names and shapes. Raises
+    :class:`~sparsenets.errors.CheckpointError` when layers differ in size or the check fails.
+    """
+    live: Any = model.config
+    result: Any = copy.deepcopy(live)
+    sizes, changes = layer_sizes(model), dict[str, list[Any]]()
+    uneven = {key: values for key, values in sizes.items() if len(set(values)) > 1}
+    if uneven:
+        per_layer = "; ".join(f"{_name(live, key)} {values}" for key, values in uneven.items())
+        raise CheckpointError(f"the layers of this compressed {type(model).__name__} kept different sizes "
+                              f"({per_layer}), which one {type(live).__name__} cannot describe: save it with "
+                              f"sparsenets.save(model, file) and load it with sparsenets.load(file, model=...), "
+                              f"which rebuilds the layers' shapes from the file")
+    for key, values in sizes.items():
+        name = _name(live, key)
+        if name is None or getattr(live, name) == values[0]:
+            continue
+        if key == "num_attention_heads" and "head_dim" not in changes:
+            head_dim = next(p.head_dim for m in model.modules() if (p := projections(m)) is not None)
+            if getattr(live, "head_dim", None) != head_dim:
+                changes["head_dim"] = [getattr(live, "head_dim", None), head_dim]
+        changes[name] = [getattr(live, name), values[0]]
+    if not changes and getattr(model, "compress_report", None) is None:
+        return result, changes
+    for name, (_, new) in changes.items():
+        setattr(result, name, new)
+    _check_shapes(model, result, plain_state_dict(model) if state is None else state, changes)
+    return result, changes
+
+
+def _name(config: Any, key: str) -> str | None:
+    """The config attribute behind a :func:`layer_sizes` key (``None`` when the config has none)."""
+    names = MLP_KEYS if key == "mlp" else (key,)
+    found = next((n for n in names if isinstance(getattr(config, n, None), int)), None)
+    if found is None and key == "mlp" and hasattr(config, "n_inner"):  # GPT-2: None stands for 4 * n_embd
+        return "n_inner"
+    return found
+
+
+def _check_shapes(model: nn.Module, config: Any, state: dict[str, Tensor], changes: dict[str, list[Any]]) -> None:
+    try:
+        with torch.device("meta"):
+            built = type(model)(config)
+    except Exception as err:  # a config value the family rejects (head counts that do not divide hidden_size…)
+        raise CheckpointError(f"{type(config).__name__} with {_describe(changes)} does not build "
+                              f"{type(model).__name__} ({type(err).__name__}: {err}); save this compressed model "
+                              f"with sparsenets.save(model, file), load it with sparsenets.load(file, model=...)"
+                              ) from None
+    want = {key: tuple(t.shape) for key, t in built.state_dict().items()}
+    have = {key: tuple(t.shape) for key, t in state.items()}
+    wrong = [f"{key} {have[key]} (the config gives {want[key]})"
+             for key in have if key in want and have[key] != want[key]]
+    wrong += [f"{key} (not in the config's model)" for key in have if key not in want]
+    wrong += [f"{key} (missing)" for key in want if key not in have]
+    if wrong:
+        listed = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise CheckpointError(f"{type(config).__name__} cannot describe this compressed {type(model).__name__}"
+                              f"{' even with ' + _describe(changes) if changes else ''}: {listed}. Save it with "
+                              f"sparsenets.save(model, file) and load it with sparsenets.load(file, model=...)")
+
+
+def _describe(changes: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{name}={new}" for name, (_, new) in changes.items()) or "its sizes"
+
+
+def _compression(model: nn.Module, changes: dict[str, list[Any]]) -> dict[str, Any]:
+    """What ``config.sparsenets.compressed`` holds: the compress report's summary and the config changes."""
+    report_: Any = getattr(model, "compress_report", None)
+    return {
+        "params_before": getattr(report_, "params_before", None),
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "removed": list(getattr(report_, "removed", [])),
+        "notes": list(getattr(report_, "notes", [])),
+        "config_changes": changes,
+    }
 
 
 def recipe(model: nn.Module, method: Method | None = None, config: SparsityConfig | dict | str | None = None
