@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from cnn import ResNet  # bench/cnn.py, beside this script
 from torch import nn
 
 import sparsenets as sn
@@ -47,46 +48,9 @@ from sparsenets.utils import timing
 # ---- models ---------------------------------------------------------------------------------------
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        out = out + identity
-        return self.relu(out)
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 inputs: a 3x3 stem, four stages of two basic blocks (64-128-256-512)."""
-
-    def __init__(self, classes: int = 10, width: int = 64) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        stages, cin = [], width
-        for i, stride in enumerate((1, 2, 2, 2)):
-            cout = width * 2 ** i
-            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout)))
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
 def resnet(batch: int) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     torch.manual_seed(0)
-    model = ResNet18()
+    model = ResNet(widths=(64, 128, 256, 512), classes=10)  # ResNet-18 for 32x32 inputs
     with torch.no_grad():  # BatchNorm statistics from a few batches, as after training
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -173,7 +137,7 @@ def tp_llama(model: nn.Module, example: torch.Tensor, ratio: float, heads: bool)
 
 
 def sn_resnet(model: nn.Module, example: torch.Tensor, ratio: float, heads: bool) -> nn.Module:
-    sn.sparsify_(model, {"pattern": "channel", "sparsity": ratio, "include": ["layer*.*.conv1"]})
+    sn.sparsify_(model, {"pattern": "channel", "sparsity": ratio, "include": ["layers.*.*.conv1"]})
     sn.masking.finalize_(model)
     for group in channel_groups(model, example):
         score = torch.zeros(group.width)
