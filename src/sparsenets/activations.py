@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from . import batches as B
@@ -66,18 +65,5 @@ def _density(model: nn.Module, modules: list[tuple[str, nn.Module]], data: Itera
             count[1] += value.numel()
         return record
 
-    batches = B.take(data, max_batches)
-    handles = [m.register_forward_hook(hook(name)) for name, m in modules]
-    modes = {m: m.training for m in model.modules()}
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model.eval()
-            for batch in batches:
-                B.run(model, B.to_device(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    B.observe(model, B.take(data, max_batches), [(m, hook(name)) for name, m in modules])
     return {name: nonzero / total for name, (nonzero, total) in counts.items() if total}

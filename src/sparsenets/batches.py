@@ -80,3 +80,25 @@ def loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
         raise ConfigError("can't compute a loss from this batch: give (inputs, targets) batches, "
                          "a dict the model returns a .loss for, or pass loss_fn")
     return model_loss
+
+
+ForwardHook = Callable[[nn.Module, tuple, Any], None]
+
+
+def observe(model: nn.Module, batches: Iterable, hooks: list[tuple[nn.Module, ForwardHook]]) -> None:
+    """Run ``batches`` through ``model`` in eval mode without gradients, with forward ``hooks`` on
+    the given modules, to measure something; the hooks come off and every module gets its own
+    train/eval flag back afterwards, whatever happens."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    modes = {m: m.training for m in model.modules()}
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model.eval()
+            for batch in batches:
+                run(model, to_device(batch, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training

@@ -140,19 +140,7 @@ def _router_scores(model: nn.Module, blocks: list[MoeBlock], data: Any) -> list[
             total[i] += probs.sum(0)
         return record
 
-    handles = [b.router.register_forward_hook(hook(i, _top_k(b) or b.n)) for i, b in enumerate(blocks)]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            model.eval()
-            device = next(model.parameters()).device
-            for batch in data:
-                B.run(model, B.to_device(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    B.observe(model, data, [(b.router, hook(i, _top_k(b) or b.n)) for i, b in enumerate(blocks)])
     if not any(t.any() for t in total):
         raise ConfigError("prune_experts_: no router ran on the calibration data")
     # rank by picked weight, then by total probability: a tiny tie-break weight keeps the order
