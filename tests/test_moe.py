@@ -122,8 +122,11 @@ def test_synflow_runs_on_mixtral_in_float32_where_float64_has_no_kernel():
     model = tiny_mixtral()
     with pytest.warns(UserWarning, match="'synflow' scores in float32"):
         sn.sparsify_(model, {"sparsity": 0.5, "criterion": "synflow", "rounds": 2}, data=[{"input_ids": tokens()}])
-    mask = get_mask(model.model.layers[0].mlp.experts, "gate_up_proj")
-    assert mask is not None and abs(mask.mask.float().mean().item() - 0.5) < 0.05
+    bank = model.model.layers[0].mlp.experts
+    masks = [get_mask(bank, name) for name in ("gate_up_proj", "down_proj")]
+    assert all(m is not None for m in masks)
+    kept = sum(int(m.mask.sum()) for m in masks) / sum(m.mask.numel() for m in masks)
+    assert abs(kept - 0.5) < 0.05
 
 
 def test_synflow_runs_on_half_precision():
@@ -290,3 +293,19 @@ def test_other_moe_families_prune_and_remove_experts(family):
     sn.prune_experts_(model, 0.5, data=[{"input_ids": x}])
     assert model.config.num_experts == EXPERTS // 2
     assert torch.isfinite(model(x).logits).all()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block:4x4", "channel"])
+def test_every_expert_gets_the_target_not_just_the_bank(pattern):
+    """One expert's weights are scaled up: pooled selection would strip the others and spare it."""
+    model = tiny_mixtral()
+    bank = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        bank.gate_up_proj[0] *= 100
+        bank.down_proj[0] *= 100
+    sn.sparsify_(model, {"sparsity": 0.5, "pattern": pattern, "include": ["*experts*"]})
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(bank, name)
+        for expert in range(EXPERTS):
+            kept = float(weight[expert].ne(0).float().mean())
+            assert kept == pytest.approx(0.5, abs=0.05), (name, expert, kept)

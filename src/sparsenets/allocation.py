@@ -4,24 +4,33 @@ An allocation is one function registered with :func:`allocation`: given the unit
 sparsity is free and the overall target, it returns each unit's sparsity, or None for units
 that share one score threshold (which selection applies, :func:`sparsenets.sparsify.select`).
 ``SparsityConfig`` takes its choices from :data:`ALLOCATIONS`. Layers with a fixed sparsity
-(an override, or an N:M pattern) keep it, and the target applies to the rest.
+(an override, or an N:M pattern) keep it, and the target applies to the rest. An allocation
+registered with ``outliers=True`` also gets each unit's outlier ratio (:func:`outlier_ratio` of
+its criterion scores) as a third argument.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
 from .targets import Unit
 
-Split = Callable[[list[Unit], float], dict[str, "float | None"]]
+Split = Callable[..., dict[str, "float | None"]]
 ALLOCATIONS: dict[str, Split] = {}
+OUTLIER_ALLOCATIONS: set[str] = set()  # allocations that read each unit's outlier ratio
 
 
-def allocation(name: str) -> Callable[[Split], Split]:
-    """Register ``split(free_units, sparsity) -> {unit name: sparsity or None}`` under ``name``."""
+def allocation(name: str, *, outliers: bool = False) -> Callable[[Split], Split]:
+    """Register ``split(free_units, sparsity[, outliers]) -> {unit name: sparsity or None}`` under ``name``."""
     def register(split: Split) -> Split:
         ALLOCATIONS[name] = split
+        if outliers:
+            OUTLIER_ALLOCATIONS.add(name)
         return split
     return register
 
@@ -66,8 +75,46 @@ def erk_densities(units: list[Unit], density: float) -> dict[str, float]:
         dense |= capped
 
 
-def layer_sparsities(units: list[Unit], sparsity: float, allocation: str) -> dict[str, float | None]:
-    """Each unit's target sparsity; ``None`` marks units that share one global threshold."""
-    fixed = {u.name: u.sparsity for u in units if u.sparsity is not None}
+# OWL's defaults (Yin et al. 2024): a score is an outlier above M × its layer's mean score, and
+# layer densities spread over ±LAMBDA around the target, in the order of their outlier ratios.
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+
+
+def outlier_ratio(scores: Sequence[Tensor]) -> float:
+    """The share of live scores above ``OWL_M`` × their mean (already pruned entries, −inf, left out)."""
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores])
+    live = flat[torch.isfinite(flat)]
+    if not len(live):
+        return 0.0
+    return float((live > OWL_M * live.mean()).float().mean())
+
+
+@allocation("owl", outliers=True)
+def owl(units: list[Unit], sparsity: float, outliers: dict[str, float]) -> dict[str, float | None]:
+    """Outlier-weighted layer-wise sparsity (Yin et al. 2024): layers with more outlier scores
+    keep more weights. Densities are spread linearly over ±``OWL_LAMBDA`` by outlier ratio, then
+    shifted so the parameter-weighted density is the target's."""
+    ratios = torch.tensor([outliers[u.name] for u in units], dtype=torch.float64)
+    sizes = torch.tensor([u.numel for u in units], dtype=torch.float64)
+    spread = ratios.max() - ratios.min()
+    normal = (ratios - ratios.min()) / spread if spread > 0 else torch.full_like(ratios, 0.5)
+    density = (1.0 - sparsity) + OWL_LAMBDA * (2 * normal - 1)
+    density += (1.0 - sparsity) - (density * sizes).sum() / sizes.sum()
+    density = density.clamp(0.0, 1.0)
+    return {u.name: 1.0 - float(d) for u, d in zip(units, density)}
+
+
+def layer_sparsities(units: list[Unit], sparsity: float, allocation: str,
+                     outliers: dict[str, float] | None = None) -> dict[str, float | None]:
+    """Each unit's target sparsity; ``None`` marks units that share one global threshold.
+    ``outliers`` (unit name → outlier ratio) is what allocations such as OWL read."""
+    fixed: dict[str, float | None] = {u.name: u.sparsity for u in units if u.sparsity is not None}
     free = [u for u in units if u.sparsity is None]
-    return {**fixed, **(ALLOCATIONS[allocation](free, sparsity) if free else {})}
+    if not free:
+        return fixed
+    if allocation in OUTLIER_ALLOCATIONS:
+        if outliers is None:
+            raise ConfigError(f"allocation {allocation!r} needs each layer's outlier ratio")
+        return {**fixed, **ALLOCATIONS[allocation](free, sparsity, outliers)}
+    return {**fixed, **ALLOCATIONS[allocation](free, sparsity)}

@@ -36,20 +36,23 @@ Scores = dict[str, Tensor]
 @dataclass(frozen=True)
 class Criterion:
     name: str
-    score: Callable[..., Scores]  # (model, weights, batches, loss_fn, generator, config) -> Scores
+    score: Callable[..., Scores] | None  # (model, weights, batches, loss_fn, generator, config) -> Scores
     needs_data: bool = False
     row_wise: bool = False  # compare within each output row (Wanda) when a layer has its own target
     default_rounds: int = 1  # pruning rounds when the config doesn't say
+    # what layer-by-layer pruning (sparsenets.layerwise) needs of each layer's inputs: "weights"
+    # (nothing), "norms" or "gram"; None: the criterion scores the whole model at once
+    layer_stats: str | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def criterion(name: str, *, needs_data: bool = False, row_wise: bool = False,
-              default_rounds: int = 1) -> Callable[[Callable[..., Scores]], Callable[..., Scores]]:
+def criterion(name: str, *, needs_data: bool = False, row_wise: bool = False, default_rounds: int = 1,
+              layer_stats: str | None = None) -> Callable[[Callable[..., Scores]], Callable[..., Scores]]:
     """Register a score function under ``name`` (what a config's ``criterion`` says)."""
     def register(score: Callable[..., Scores]) -> Callable[..., Scores]:
-        CRITERIA[name] = Criterion(name, score, needs_data, row_wise, default_rounds)
+        CRITERIA[name] = Criterion(name, score, needs_data, row_wise, default_rounds, layer_stats)
         return score
     return register
 
@@ -59,12 +62,12 @@ def _tensor(weights: Weights, key: str) -> Tensor:
     return getattr(module, param)
 
 
-@criterion("magnitude")
+@criterion("magnitude", layer_stats="weights")
 def magnitude(model, weights: Weights, *_: Any) -> Scores:
     return {k: _tensor(weights, k).detach().abs() for k in weights}
 
 
-@criterion("random")
+@criterion("random", layer_stats="weights")
 def random(model, weights: Weights, batches, loss_fn, generator: torch.Generator, *_: Any) -> Scores:
     return {k: torch.rand(_tensor(weights, k).shape, generator=generator).to(_tensor(weights, k).device)
             for k in weights}
@@ -244,7 +247,7 @@ def _input_sq(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     return x.reshape(-1, x.shape[-1]).pow(2).sum(0)[None, :]  # Linear, HF Conv1D
 
 
-@criterion("wanda", needs_data=True, row_wise=True)
+@criterion("wanda", needs_data=True, row_wise=True, layer_stats="norms")
 def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
     """Wanda (Sun et al. 2024): |W_ij| · ‖X_j‖₂ over calibration inputs (forward passes only)."""
     modules = {id(m): m for m, _ in weights.values()}
@@ -293,3 +296,8 @@ def wanda(model, weights: Weights, batches, *_: Any) -> Scores:
         gemm = to_gemm(module, weight).abs() * norms
         scores[k] = gemm.t().contiguous() if is_hf_conv1d(module) else gemm.reshape(weight.shape)
     return scores
+
+
+# SparseGPT (Frantar & Alistarh 2023) rebuilds each layer from its inputs' Gram matrix while it
+# prunes, so it has no whole-model score: it runs only layer by layer (sparsenets.layerwise).
+CRITERIA["sparsegpt"] = Criterion("sparsegpt", None, needs_data=True, layer_stats="gram")

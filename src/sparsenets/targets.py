@@ -3,8 +3,9 @@
 A *unit* is what one sparsity level applies to: usually one weight (plus its bias for
 whole-output patterns), or, for the head pattern, every projection of one attention
 module. A mixture-of-experts bank's 3-D parameter is one unit whose groups never span two
-experts. Each member of a unit carries a map from its elements to the unit's groups, so
-scoring, selecting and expanding masks is the same code for every pattern.
+experts, and its sparsity holds in every expert. Each member of a unit carries a map from its
+elements to the unit's groups, so scoring, selecting and expanding masks is the same code for
+every pattern.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class Member:
     module_name: str
     param: str
     module: nn.Module
-    group_ids: Tensor | None  # None for patterns that select locally (N:M)
+    group_ids: Tensor | None  # None for patterns that select locally (N:M), and made on demand when elementwise
     is_weight: bool = True  # weights are scored and counted; biases follow their groups
+    elementwise_offset: int | None = None  # elementwise: ids are offset + element index, never stored
 
     @property
     def qualname(self) -> str:
@@ -90,7 +92,11 @@ class Member:
 
     @property
     def ids(self) -> Tensor:
-        """``group_ids``, for a pattern that has groups."""
+        """``group_ids``, for a pattern that has groups. Elementwise ids are one per element, as many
+        as the weights themselves: made when asked for rather than held for every layer."""
+        if self.group_ids is None and self.elementwise_offset is not None:
+            rows, cols = to_gemm(self.module, self.tensor()).shape
+            return torch.arange(self.elementwise_offset, self.elementwise_offset + rows * cols).view(rows, cols)
         assert self.group_ids is not None, f"{self.qualname}: its pattern selects locally and has no groups"
         return self.group_ids
 
@@ -103,6 +109,8 @@ class Unit:
     n_groups: int
     erk_dims: list[tuple[int, ...]] = field(default_factory=list)
     sparsity: float | None = None  # fixed per-layer sparsity (override or N:M); None = allocated
+    # an expert bank's groups by expert: a unit's sparsity then holds in each expert, not just on average
+    expert_of_group: Tensor | None = None
 
     @property
     def weights(self) -> list[Member]:
@@ -142,6 +150,8 @@ class Unit:
 
     def conforms(self, masks: dict[str, Tensor]) -> bool:
         """Whether the weight masks have the unit's pattern's structure (each group all or nothing)."""
+        if self.pattern.elementwise:
+            return True
         if self.pattern.selects_locally:
             return all(self.pattern.conforms(to_gemm(m.module, masks[m.qualname])) for m in self.weights)
         kept = torch.zeros(self.n_groups, dtype=torch.float64)
@@ -155,7 +165,7 @@ class Unit:
         masks = {}
         for m in self.members:
             shape = m.tensor().shape
-            masks[m.qualname] = from_gemm(m.module, keep[m.group_ids], shape) if m.is_weight else keep[m.group_ids]
+            masks[m.qualname] = from_gemm(m.module, keep[m.ids], shape) if m.is_weight else keep[m.ids]
         return masks
 
 
@@ -163,19 +173,25 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
     members: list[Member] = []
     dims: list[tuple[int, ...]] = []
     n_groups = 0
+    owners: list[Tensor] = []  # for an expert bank: the expert each group belongs to
     for param in weight_names(module):
         weight = getattr(module, param)
         experts = weight.shape[0] if weight.dim() == 3 and is_experts(module) else 1
         rows, cols = to_gemm(module, weight).shape
         rows //= experts  # an expert bank stacks its experts' GEMM forms; groups never span two experts
         pattern.check(rows, cols, name)
+        offset = None
         if pattern.selects_locally:
             ids = None
+        elif pattern.elementwise and experts == 1:
+            ids, offset = None, n_groups
+            n_groups += rows * cols
         else:
             ids, n = pattern.group_ids(rows, cols)
             ids = torch.cat([ids + n_groups + e * n for e in range(experts)])
             n_groups += experts * n
-        members.append(Member(name, param, module, ids))
+            owners.append(torch.arange(experts).repeat_interleave(n))
+        members.append(Member(name, param, module, ids, elementwise_offset=offset))
         if experts > 1:
             dims += [(rows, cols)] * experts
         else:
@@ -186,7 +202,8 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
         # the bias stacks the outputs of every weight (q|k|v for attention), row groups in order
         bias_ids = torch.cat([m.ids[:, 0] for m in members])
         members.append(Member(name, bias_name, module, bias_ids, is_weight=False))
-    return Unit(name, pattern, members, n_groups, dims)
+    experts_of = torch.cat(owners) if is_experts(module) and owners else None
+    return Unit(name, pattern, members, n_groups, dims, expert_of_group=experts_of)
 
 
 # ---- selection from a config -----------------------------------------------------------------
