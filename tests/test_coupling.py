@@ -1,4 +1,5 @@
-"""Residual streams pruned as one unit (``couple_channel_units``), then cut by ``compress``."""
+"""Residual streams pruned as one unit, every channel unit with its BatchNorms and depthwise convs
+(``couple_channel_units``), then cut by ``compress``."""
 
 import copy
 import importlib.util
@@ -66,7 +67,11 @@ def prune(model: nn.Module, config: dict, couple: bool, example=None) -> list:
 
 
 def _pruned_rows(model: nn.Module, member) -> torch.Tensor:
-    mask = mask_of(model, member.qualname)
+    return _pruned(model, member.qualname)
+
+
+def _pruned(model: nn.Module, qualname: str) -> torch.Tensor:
+    mask = mask_of(model, qualname)
     return ~mask.reshape(mask.shape[0], -1).any(dim=1)
 
 
@@ -99,13 +104,80 @@ def test_each_stream_becomes_one_unit_in_place_of_its_first_writer() -> None:
     assert second.numel == sum(m.tensor().numel() for m in second.weights)
 
 
-@pytest.mark.parametrize("build", [mlp, convnet])
-def test_a_model_without_a_residual_stream_comes_back_unchanged(build) -> None:
+def no_batchnorm() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                         nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+@pytest.mark.parametrize("build", [mlp, no_batchnorm])
+def test_a_model_without_residual_stream_or_batchnorm_comes_back_unchanged(build) -> None:
     model = build()
-    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5))
+    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5, exclude=["2"]))
     shape = (2, 20) if build is mlp else (2, 3, 6, 6)
     coupled = couple_channel_units(model, units, torch.randn(*shape))
     assert len(coupled) == len(units) and all(a is b for a, b in zip(coupled, units))
+
+
+def test_a_model_fx_cannot_trace_comes_back_unchanged() -> None:
+    class Branchy(nn.Module):  # data-dependent control flow: no trace, no coupling
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.bn(self.conv(x))
+            return self.out(h if h.sum() > 0 else -h)
+
+    model = Branchy()
+    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5))
+    coupled = couple_channel_units(model, units, torch.randn(*SHAPE))
+    assert all(a is b for a, b in zip(coupled, units)) and len(coupled) == len(units)
+
+
+def test_a_conv_takes_its_batchnorm_along_unscored() -> None:
+    model = convnet()
+    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5))
+    coupled = couple_channel_units(model, units, torch.randn(2, 3, 6, 6))
+    assert [u.name for u in coupled] == [u.name for u in units]
+    first, second = coupled[:2]
+    assert [m.qualname for m in first.members] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert [m.qualname for m in first.weights] == ["0.weight"]  # scored as before
+    assert first.numel == units[0].numel and first.erk_dims == units[0].erk_dims
+    assert {m.qualname for m in second.members if not m.is_weight} == {"3.bias", "4.weight", "4.bias"}
+    assert coupled[2] is units[2] and coupled[3] is units[3]  # the Linear layers: no BatchNorm
+
+
+def test_inner_convs_of_a_resnet_take_their_batchnorm() -> None:
+    model = resnet()
+    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5))
+    coupled = {u.name: u for u in couple_channel_units(model, units, torch.randn(*SHAPE))}
+    assert coupled["fc"] is units[-1]  # the head reads the stream: nothing on its way
+    for block in ("layers.0.0", "layers.0.1", "layers.1.0", "layers.1.1"):
+        unit = coupled[f"{block}.conv1"]
+        assert [m.qualname for m in unit.members] == [f"{block}.conv1.weight", f"{block}.bn1.weight",
+                                                      f"{block}.bn1.bias"]
+        assert all(torch.equal(m.ids, torch.arange(unit.n_groups)) for m in unit.members[1:])
+
+
+def test_a_depthwise_conv_after_an_expand_conv_merges_into_its_unit() -> None:
+    model = mobilenet()
+    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5))
+    coupled = couple_channel_units(model, units, torch.randn(*SHAPE))
+    assert [u.name for u in coupled] == ["stream:stem", "blocks.0.expand", "blocks.1.expand", "head"]
+    expand = coupled[1]
+    assert [m.qualname for m in expand.weights] == ["blocks.0.expand.weight", "blocks.0.depthwise.weight"]
+    assert [m.qualname for m in expand.members if not m.is_weight] == [
+        f"blocks.0.{bn}.{p}" for bn in ("bn1", "bn2") for p in ("weight", "bias")]
+    assert expand.n_groups == 96 and expand.erk_dims == [(96, 16, 1, 1), (96, 1, 3, 3)]
+
+
+def test_an_excluded_depthwise_conv_and_what_follows_it_stay_as_configured() -> None:
+    model = mobilenet()
+    units = find_units(model, sn.SparsityConfig(pattern="channel", sparsity=0.5, exclude=["*depthwise"]))
+    coupled = couple_channel_units(model, units, torch.randn(*SHAPE))
+    expand = next(u for u in coupled if u.name == "blocks.0.expand")
+    assert [m.qualname for m in expand.members] == ["blocks.0.expand.weight", "blocks.0.bn1.weight",
+                                                    "blocks.0.bn1.bias"]
 
 
 def test_a_stream_with_an_excluded_writer_stays_uncoupled(caplog) -> None:
@@ -163,7 +235,8 @@ def test_coupled_streams_are_cut_by_compress_where_separate_writers_are_not(buil
         assert small.get_submodule(writer).out_channels == kept < stream.n_groups
         # separately, only the channels every writer happens to drop can go
         assert large.get_submodule(writer).out_channels > kept
-    assert _n_params(small) < 0.85 * _n_params(large)
+    if build is resnet:  # (MobileNet's expand and depthwise units, pruned apart, cut the union of their channels)
+        assert _n_params(small) < 0.85 * _n_params(large)
     with torch.no_grad():
         x = torch.randn(3, 3, 8, 8)
         torch.testing.assert_close(small(x), coupled(x), rtol=0, atol=1e-5)
@@ -239,3 +312,96 @@ def test_a_depthwise_conv_on_the_stream_is_pruned_with_it() -> None:
     assert compressed.stem.out_channels == compressed.dw.groups == compressed.conv.in_channels == 4
     with torch.no_grad():
         torch.testing.assert_close(compressed(example), model(example), rtol=0, atol=1e-5)
+
+
+# ---- the whole path: sparsify_ with the channel pattern, then compress ------------------------------------
+
+
+def resnet18_shape() -> nn.Module:
+    """ResNet-18's layout (four stages of two basic blocks) at 8/16/32/64 channels."""
+    return _trained_batchnorm(cnn.ResNet(widths=(8, 16, 32, 64), classes=5))
+
+
+def _sparsified(build, sparsity: float = 0.5, **config) -> tuple[nn.Module, nn.Module]:
+    """(masked, dense copy) after ``sparsify_`` with the channel pattern and one batch of data."""
+    model = build()
+    dense = copy.deepcopy(model)
+    batch = (torch.randn(*SHAPE), torch.randint(0, 5, (2,)))
+    sn.sparsify_(model, {"pattern": "channel", "sparsity": sparsity, "exclude": ["fc", "head"], **config},
+                 data=[batch])
+    return model.eval(), dense
+
+
+def _inner_layers(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(producer, its BatchNorm, its reader) of every block's inner channels."""
+    if isinstance(model, cnn.ResNet):
+        return [(f"{n}.conv1", f"{n}.bn1", f"{n}.conv2") for n, m in model.named_modules()
+                if isinstance(m, cnn.BasicBlock)]
+    return [(f"{n}.expand", f"{n}.bn1", f"{n}.depthwise") for n, m in model.named_modules()
+            if isinstance(m, cnn.InvertedResidual)]
+
+
+@pytest.mark.parametrize("build", [resnet18_shape, mobilenet])
+def test_compress_cuts_every_pruned_inner_channel(build) -> None:
+    model, _ = _sparsified(build)
+    example = torch.randn(*SHAPE)
+    small = sn.compress(model, example, autotune=False)
+    for producer, norm, reader in _inner_layers(model):
+        kept = int((~_pruned(model, f"{producer}.weight")).sum())
+        width = model.get_submodule(producer).out_channels
+        assert kept == width // 2  # exactly half: no channel kept for a BatchNorm shift
+        assert small.get_submodule(producer).out_channels == kept
+        assert small.get_submodule(norm).num_features == kept
+        if isinstance(model, cnn.ResNet):
+            assert small.get_submodule(reader).in_channels == kept
+        else:  # the depthwise conv and its BatchNorm went with the expand rows, and the project's inputs
+            block = producer.rsplit(".", 1)[0]
+            assert small.get_submodule(reader).groups == small.get_submodule(f"{block}.bn2").num_features == kept
+            assert small.get_submodule(f"{block}.project").in_channels == kept
+    assert not [n for n in small.compress_report.notes if "zero channels kept" in n]
+    with torch.no_grad():
+        x = torch.randn(3, 3, 8, 8)
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_a_resnet_18_shape_compresses_to_even_widths() -> None:
+    model, _ = _sparsified(resnet18_shape)
+    small = sn.compress(model, torch.randn(*SHAPE), autotune=False)
+    assert [small.get_submodule(p).out_channels for p, _, _ in _inner_layers(model)] == [4, 4, 8, 8, 16, 16, 32, 32]
+
+
+@pytest.mark.parametrize("build", [resnet18_shape, mobilenet])
+def test_coupled_units_hit_the_target_within_one_group(build) -> None:
+    model = build()
+    units = prune(model, {"pattern": "channel", "sparsity": 0.5, "exclude": ["fc", "head"]}, couple=True)
+    targets = layer_sparsities(units, 0.5, "uniform")
+    for u in units:
+        pruned = sum(int((~mask_of(model, m.qualname)).sum()) for m in u.weights)
+        assert abs(pruned - targets[u.name] * u.numel) <= int(u.group_sizes().max()), u.name
+
+
+@pytest.mark.parametrize("build", [resnet18_shape, mobilenet])
+def test_masked_training_keeps_pruned_inner_channels_exactly_zero(build) -> None:
+    model, _ = _sparsified(build)
+    inner = _inner_layers(model)
+    gone = {p: _pruned(model, f"{p}.weight") for p, _, _ in inner}
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(*SHAPE)).sum().backward()
+        opt.step()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(r).register_forward_pre_hook(lambda mod, args, r=r: seen.__setitem__(r, args[0]))
+             for _, _, r in inner]
+    for mode in (True, False):  # batch statistics, then running statistics
+        model.train(mode)
+        with torch.no_grad():
+            model(torch.randn(*SHAPE))
+        for producer, norm, reader in inner:
+            bn = model.get_submodule(norm)
+            assert float(bn.weight.detach()[gone[producer]].abs().max()) == 0.0
+            assert float(bn.bias.detach()[gone[producer]].abs().max()) == 0.0
+            assert float(seen[reader][:, gone[producer]].abs().max()) == 0.0
+    for hook in hooks:
+        hook.remove()

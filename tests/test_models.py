@@ -337,7 +337,10 @@ def assert_structure(family: str, model: nn.Module, config: sn.SparsityConfig, p
         return
     layers = expected_layers(family, model, config)
     weights = {(n, t) for n in layers for t in weight_names(model.get_submodule(n))}
-    assert {k for k in masks if "bias" not in k[1]} == weights
+    # channel units also mask the BatchNorm after a conv (its scale and shift), so that the channel is 0
+    norms = {k for k in masks if isinstance(model.get_submodule(k[0]), nn.modules.batchnorm._BatchNorm)}
+    assert {k for k in masks if "bias" not in k[1]} - norms == weights
+    assert not norms or pattern == "channel"
     overrides = {g: o.get("pattern") for g, o in config.overrides.items()}
     for name in layers:
         module = model.get_submodule(name)

@@ -141,7 +141,8 @@ def _layer_by_layer(model: nn.Module, units: list[Unit], config: SparsityConfig,
     elif criterion.layer_stats != "weights":
         hidden = _unhookable(model, units)
         if hidden:
-            why_not = f"layer '{hidden}' (its inputs never pass a forward hook)"
+            why_not = (f"layer '{hidden}' (its inputs never pass a forward hook, or not all of them reach it); "
+                       f"exclude it")
     if why_not is None:
         return True
     if criterion.score is None:

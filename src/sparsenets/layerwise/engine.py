@@ -228,13 +228,10 @@ def _sparsegpt(unit: Unit, stats: dict[nn.Module, InputStats], target: float) ->
     gram = stats[m.module].gram
     if gram is None:
         raise ConfigError(f"criterion 'sparsegpt': layer '{unit.name}' saw no input in the calibration batches")
-    weight = m.tensor().detach()
-    gemm = to_gemm(m.module, weight).clone()
     existing = get_mask(m.module, m.param)
-    keep = None if existing is None else to_gemm(m.module, existing.mask.to(weight.device))
-    mask = sparsegpt_prune_(gemm, gram, unit.pattern, target, keep=keep)
+    # the stored tensor (a mask's original has its pruned entries zeroed): rebuilt in place, no copy
     stored = (parametrization_list(m.module, m.param).original if existing is not None
-              else getattr(m.module, m.param))
-    with torch.no_grad():
-        stored.copy_(from_gemm(m.module, gemm, weight.shape))
-    return {m.qualname: from_gemm(m.module, mask, weight.shape)}
+              else getattr(m.module, m.param)).data
+    keep = None if existing is None else to_gemm(m.module, existing.mask.to(stored.device))
+    mask = sparsegpt_prune_(to_gemm(m.module, stored), gram, unit.pattern, target, keep=keep)
+    return {m.qualname: from_gemm(m.module, mask, stored.shape)}

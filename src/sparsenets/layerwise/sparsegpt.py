@@ -165,8 +165,9 @@ def _upper_cholesky_of_inverse(gram: Tensor, dead: Tensor, damp: float, dtype: t
         reversed_h.diagonal().copy_(diagonal + level * scale)
         lower, info = torch.linalg.cholesky_ex(reversed_h)
         if int(info) == 0:
+            del reversed_h  # no retry: free it before the next copies
             upper = lower.flip(0, 1)
-            del lower, reversed_h  # free before the solve
+            del lower
             eye = torch.eye(upper.shape[0], dtype=dtype, device=upper.device)
             inverse = torch.linalg.solve_triangular(upper, eye, upper=True, out=eye)  # in place of eye
             if bool(torch.isfinite(inverse).all()):

@@ -28,8 +28,9 @@ class InputStats:
     def add(self, module: nn.Module, args: tuple, kwargs: dict, gram: bool) -> None:
         if gram:
             x = _columns(module, args, kwargs)
-            g = x.t() @ x
-            self.gram = g if self.gram is None else self.gram.add_(g)
+            if self.gram is None:
+                self.gram = x.new_zeros(x.shape[1], x.shape[1])
+            self.gram.addmm_(x.t(), x)  # in place: no second cols × cols matrix per batch
             self.tokens += len(x)
         else:
             s = _input_sq(module, args, kwargs).float()
