@@ -198,3 +198,19 @@ def test_owl_on_a_model_without_blocks_uses_per_layer_scores():
     sn.sparsify_(model, {"allocation": "owl", "sparsity": 0.5})
     layers = {row.name: 1 - row.density for row in sn.report(model).rows}
     assert layers["0"] < layers["2"]
+
+
+@pytest.mark.slow
+def test_perplexity_ordering_on_the_built_in_lm():
+    """The papers' ordering at 2:4 on a trained model: SparseGPT < Wanda < magnitude."""
+    from sparsenets.text import builtin_lm, calibration_batches, corpus_text, encode, perplexity
+
+    model, tokenizer = builtin_lm()
+    data = calibration_batches(encode(corpus_text("train"), tokenizer), 64, 256)
+    test = encode(corpus_text("test"), tokenizer)
+    scores = {}
+    for criterion in ("magnitude", "wanda", "sparsegpt"):
+        pruned = copy.deepcopy(model)
+        sn.sparsify_(pruned, {"criterion": criterion, "pattern": "2:4", "exclude": ["lm_head"]}, data=data)
+        scores[criterion] = perplexity(pruned, test)
+    assert scores["sparsegpt"] < scores["wanda"] < scores["magnitude"], scores

@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         bar.update(1)
 
     sparsify_(model, config, data=calibration, skip_blocks=done, on_block=finished)
+    bar.update(bar.total - bar.n)  # magnitude prunes without visiting the blocks
     bar.close()
     print(f"pruned in {time.perf_counter() - start:.1f} s")
     if not args.no_eval:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 Masks = dict[str, Tensor]
 # called once per block after it is pruned: (stack, block index, seconds it took)
 BlockDone = Callable[[Stack, int, float], None]
+# |W|·‖X‖ (just |W| without input statistics): what OWL counts outliers in, whatever the criterion
+WANDA_SCORES = Criterion("wanda scores", None, needs_data=True, row_wise=True, layer_stats="norms")
 
 
 @dataclass
@@ -71,7 +73,7 @@ def prune_layerwise(model: nn.Module, units: list[Unit], config: SparsityConfig,
     inputs still flow through them, unchanged.
     """
     if criterion.layer_stats == "weights":
-        targets = _targets(units, config, lambda: {u.name: outlier_ratio([_scores(u, criterion, {}, config)[0]])
+        targets = _targets(units, config, lambda: {u.name: outlier_ratio(_scores(u, WANDA_SCORES, {}, config))
                                                    for u in units})
         for unit in units:
             apply(unit, _select(unit, criterion, {}, config, targets[unit.name]))
@@ -168,7 +170,7 @@ def _outliers(model: nn.Module, plan: Plan, criterion: Criterion, config: Sparsi
     every layer of the block together (outside stacks, one per layer)."""
     ratios: dict[str, float] = {}
     norms = criterion.layer_stats != "weights"
-    wanda_like = Criterion("outliers", criterion.score, True, True, 1, "norms")
+    wanda_like = WANDA_SCORES
     for s, stack in enumerate(plan.stacks):
         calls = capture(model, stack.blocks[0], batches)
         for b, block in enumerate(stack.blocks):
