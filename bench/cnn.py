@@ -71,3 +71,15 @@ class MobileNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu6(self.bn(self.stem(x))))
         return self.head(torch.flatten(self.pool(x), 1))
+
+
+def trained_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine terms as after training (fresh ones are the identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 1.0)
+                m.bias.normal_(0, 0.1)
+    return model.eval()

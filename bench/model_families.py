@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import transformers
-from cnn import BasicBlock, InvertedResidual, MobileNet, ResNet  # bench/cnn.py, beside this script
+from cnn import BasicBlock, InvertedResidual, MobileNet, ResNet, trained_batchnorm  # bench/cnn.py, beside this script
 from torch import nn
 
 import sparsenets as sn
@@ -46,18 +46,6 @@ def _tokens() -> dict:
 
 
 # ---- convolutional networks (bench/cnn.py) --------------------------------------------------------
-
-
-def _trained_batchnorm(model: nn.Module) -> nn.Module:
-    """BatchNorm statistics and affine terms as after training (fresh ones are the identity)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 1.0)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
 
 
 def _lowest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -183,7 +171,7 @@ def measure(family: Family, budget_s: float) -> dict:
             sn.sparsify_(model, {"pattern": "channel", "sparsity": SPARSITY, "include": family.mlp})
             structures.append("MLP channels")
     if family.cnn_inner:
-        _trained_batchnorm(model)
+        trained_batchnorm(model)
         streams = _prune_cnn(model, example, family.cnn_inner(model))
         structures.append(f"residual streams ({len(streams)}) + inner channels")
     reference = None

@@ -32,24 +32,22 @@ SHAPE = (2, 3, 8, 8)
 
 def resnet() -> nn.Module:
     """Two stages (8 then 16 wide, the second behind a conv + BatchNorm downsample shortcut)."""
-    return _trained_batchnorm(cnn.ResNet(widths=(8, 16), classes=5))
+    return cnn.trained_batchnorm(cnn.ResNet(widths=(8, 16), classes=5))
 
 
 def mobilenet() -> nn.Module:
     """Stem and two inverted residuals on one 16-wide stream, pooled head."""
-    return _trained_batchnorm(cnn.MobileNet(width=16, blocks=2, classes=5))
+    return cnn.trained_batchnorm(cnn.MobileNet(width=16, blocks=2, classes=5))
 
 
-def _trained_batchnorm(model: nn.Module) -> nn.Module:
-    """Statistics as after training: a zero conv row comes out of its BatchNorm as a nonzero constant."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 1.0)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
+def _train_two_steps(model: nn.Module) -> None:
+    """Two SGD steps in train mode on random inputs (masks must hold through them)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(*SHAPE)).sum().backward()
+        opt.step()
 
 
 def prune(model: nn.Module, config: dict, couple: bool, example=None) -> list:
@@ -263,12 +261,7 @@ def test_masked_training_keeps_a_coupled_channel_exactly_zero() -> None:
     units = prune(model, {"pattern": "channel", "sparsity": 0.5}, couple=True)
     stream = _streams(units)[0]
     gone = _pruned_rows(model, stream.members[0])
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        model(torch.randn(*SHAPE)).sum().backward()
-        opt.step()
+    _train_two_steps(model)
     model.eval()
     seen = []
     hook = model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(out))
@@ -304,7 +297,7 @@ class DepthwiseOnTheStream(nn.Module):
 
 
 def test_a_depthwise_conv_on_the_stream_is_pruned_with_it() -> None:
-    model, example = _trained_batchnorm(DepthwiseOnTheStream()), torch.randn(*SHAPE)
+    model, example = cnn.trained_batchnorm(DepthwiseOnTheStream()), torch.randn(*SHAPE)
     units = prune(model, {"pattern": "channel", "sparsity": 0.5}, couple=True, example=example)
     assert [u.name for u in units] == ["stream:stem", "conv", "fc"]
     assert [m.qualname for m in units[0].weights] == ["stem.weight", "dw.weight"]
@@ -319,7 +312,7 @@ def test_a_depthwise_conv_on_the_stream_is_pruned_with_it() -> None:
 
 def resnet18_shape() -> nn.Module:
     """ResNet-18's layout (four stages of two basic blocks) at 8/16/32/64 channels."""
-    return _trained_batchnorm(cnn.ResNet(widths=(8, 16, 32, 64), classes=5))
+    return cnn.trained_batchnorm(cnn.ResNet(widths=(8, 16, 32, 64), classes=5))
 
 
 def _sparsified(build, sparsity: float = 0.5, **config) -> tuple[nn.Module, nn.Module]:
@@ -385,12 +378,7 @@ def test_masked_training_keeps_pruned_inner_channels_exactly_zero(build) -> None
     model, _ = _sparsified(build)
     inner = _inner_layers(model)
     gone = {p: _pruned(model, f"{p}.weight") for p, _, _ in inner}
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        model(torch.randn(*SHAPE)).sum().backward()
-        opt.step()
+    _train_two_steps(model)
     seen: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(r).register_forward_pre_hook(lambda mod, args, r=r: seen.__setitem__(r, args[0]))
              for _, _, r in inner]

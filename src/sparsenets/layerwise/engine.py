@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +90,7 @@ def prune_layerwise(model: nn.Module, units: list[Unit], config: SparsityConfig,
                 start = time.perf_counter()
                 block_units = plan.blocks.get((s, b), [])
                 if block_units and not (s == 0 and b < skip_blocks):
-                    stats = _collect(block, block_units, calls, criterion)
+                    stats = _collect_block(block, block_units, calls, criterion)
                     for i, unit in enumerate(block_units):
                         apply(unit, _select(unit, criterion, stats, config, targets[unit.name]))
                         _release(stats, block_units[i + 1:])
@@ -126,30 +127,33 @@ def _forward(block: nn.Module, calls: list[Call]) -> list[Call]:
     return calls
 
 
-def _collect(block: nn.Module, units: list[Unit], calls: list[Call], criterion: Criterion
+def _collect(units: list[Unit], criterion: Criterion, run: Callable[[Any], Any], items: list
              ) -> dict[nn.Module, InputStats]:
+    """The input statistics of ``units``' layers while ``run`` takes each of ``items``."""
     collector = Collector(_modules(units), gram=criterion.layer_stats == "gram")
     try:
-        for call in calls:
-            run_block(block, call)
+        for item in items:
+            run(item)
             collector.next_call()
     finally:
         stats = collector.close()
     return stats
 
 
+def _collect_block(block: nn.Module, units: list[Unit], calls: list[Call], criterion: Criterion
+                   ) -> dict[nn.Module, InputStats]:
+    return _collect(units, criterion, lambda call: run_block(block, call), calls)
+
+
 def _collect_whole(model: nn.Module, units: list[Unit], batches: list, criterion: Criterion
                    ) -> dict[nn.Module, InputStats]:
-    collector = Collector(_modules(units), gram=criterion.layer_stats == "gram")
     device = next(model.parameters()).device
-    try:
+
+    def run(batch: Any) -> None:
         with torch.no_grad():
-            for batch in batches:
-                B.run(model, B.to_device(batch, device))
-                collector.next_call()
-    finally:
-        stats = collector.close()
-    return stats
+            B.run(model, B.to_device(batch, device))
+
+    return _collect(units, criterion, run, batches)
 
 
 def _release(stats: dict[nn.Module, InputStats], later: list[Unit]) -> None:
@@ -176,7 +180,7 @@ def _outliers(model: nn.Module, plan: Plan, criterion: Criterion, config: Sparsi
         for b, block in enumerate(stack.blocks):
             units = plan.blocks.get((s, b), [])
             if units:
-                stats = _collect(block, units, calls, wanda_like) if norms else {}
+                stats = _collect_block(block, units, calls, wanda_like) if norms else {}
                 ratio = outlier_ratio([t for u in units for t in _scores(u, wanda_like, stats, config)])
                 ratios.update({u.name: ratio for u in units})
             calls = _forward(block, calls)
