@@ -49,7 +49,7 @@ try:
 except ImportError:  # Windows: no flock; builds still rename into place atomically
     fcntl = None  # type: ignore[assignment]
 
-SOURCE = Path(__file__).with_name("block_sparse.c")
+SOURCE = Path(__file__).with_name("block_sparse.c")  # the default; other kernels pass their own file
 
 # Tried in order: the best build this compiler accepts wins.
 FLAG_SETS = (
@@ -112,10 +112,10 @@ def _cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def _build_key(cc: list[str], flags: tuple[str, ...]) -> str:
+def _build_key(cc: list[str], flags: tuple[str, ...], source: Path) -> str:
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cc).encode(), version.encode(), " ".join(flags).encode(),
+    for part in (source.read_bytes(), " ".join(cc).encode(), version.encode(), " ".join(flags).encode(),
                  _cpu_identity().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -164,11 +164,11 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> None:
+def _compile(cc: list[str], flags: tuple[str, ...], source: Path, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run([*cc, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp],
+        result = subprocess.run([*cc, *flags, *COMMON_FLAGS, str(source), "-o", tmp],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise BuildError(result.stderr.strip() or f"{cc[0]} exited with status {result.returncode}")
@@ -191,28 +191,30 @@ def _reusable(target: Path) -> bool:
     return False
 
 
-def build() -> Path:
-    """Path of the compiled, verified library, building it if this source/compiler/CPU has none yet."""
+def build(source: Path | None = None) -> Path:
+    """Path of the compiled, verified library of ``source`` (a C file beside this module, by default
+    the block-sparse kernels), building it if this source/compiler/CPU has none yet."""
+    source = SOURCE if source is None else source
     cc = compiler()
     folder = kernel_dir()
     errors = []
     custom = os.environ.get("SPARSENETS_CFLAGS")
     with _locked(folder):
         for flags in (tuple(shlex.split(custom)),) if custom else FLAG_SETS:
-            target = folder / f"block_sparse-{_build_key(cc, flags)}.so"
+            target = folder / f"{source.stem}-{_build_key(cc, flags, source)}.so"
             if _reusable(target):
                 return target
             try:
-                _compile(cc, flags, target)
+                _compile(cc, flags, source, target)
                 return target
             except BuildError as err:
                 errors.append(f"{' '.join(flags)}: {str(err).splitlines()[-1] if str(err) else err}")
-    raise BuildError(f"{' '.join(cc)} could not build {SOURCE.name}:\n  " + "\n  ".join(errors))
+    raise BuildError(f"{' '.join(cc)} could not build {source.name}:\n  " + "\n  ".join(errors))
 
 
-def load() -> ctypes.CDLL:
-    """Build (if needed), verify and load the library; raises :class:`BuildError` or ``OSError``."""
-    path = build()
+def load(source: Path | None = None) -> ctypes.CDLL:
+    """Build (if needed), verify and load ``source``'s library; raises :class:`BuildError` or ``OSError``."""
+    path = build(source)
     if reason := problem(path):  # checked again right before its code runs
         raise BuildError(f"refusing to load {path}: {reason}")
     return ctypes.CDLL(str(path))
