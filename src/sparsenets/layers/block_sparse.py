@@ -1,8 +1,9 @@
 """Layers that store only the kept ``r × c`` blocks of their weight and compute with them.
 
 :class:`BlockSparseLinear` replaces an ``nn.Linear``; :class:`BlockSparseConv1d` and
-:class:`BlockSparseConv2d` replace convolutions by running the same block-sparse product on
-unfolded patches (the conv weight in GEMM form, ``out × in·k``). ``values`` is an ordinary
+:class:`BlockSparseConv2d` replace convolutions, keeping the conv weight in GEMM form
+(``out × in·k``): at stride 1 on CPU fp32 the convolution kernels (:mod:`..kernels.conv`) read
+the input in place; otherwise the block-sparse product runs on unfolded patches. ``values`` is an ordinary
 trainable parameter holding the kept blocks; the block index lives in int64 buffers, so
 ``state_dict``, ``deepcopy``, pickling, ``.to()`` and any optimizer work unchanged.
 """
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gemm import n_blocks
-from ..kernels import BlockLayout, block_keep, block_sparse_linear, gather_blocks, scatter_blocks
+from ..kernels import BlockLayout, block_keep, block_sparse_linear, choose_backend, gather_blocks, scatter_blocks
+from ..kernels import conv as conv_kernels
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear"]
 
@@ -220,15 +222,28 @@ class _BlockSparseConv(_BlockSparseGemm):
             x = F.pad(x, self._pad, mode=mode)
         planar = x.unsqueeze(2) if self.dims == 1 else x  # 1-d is 2-d of height 1
         kernel, stride, dilation = (self._planar(v) for v in (self.kernel_size, self.stride, self.dilation))
-        n = planar.shape[0]
-        spatial = [(size - d * (k - 1) - 1) // s + 1
-                   for size, k, d, s in zip(planar.shape[2:], kernel, dilation, stride)]
-        y = self._gemm(_patches(planar, spatial, kernel, stride, dilation))  # (N·Ho·Wo, out)
-        y = y.reshape(n, *spatial, self.out_channels).permute(0, 3, 1, 2)
+        if self._direct(planar, stride):
+            y = conv_kernels.conv2d(planar, self.values, self.layout, self.bias, kernel, dilation)
+        else:
+            y = self._unfolded(planar, kernel, stride, dilation)
         if self.dims == 1:
             y = y.squeeze(2)
         y = y.contiguous()  # like nn.Conv's output, so code such as y.view(n, -1) keeps working
         return y.squeeze(0) if unbatched else y
+
+    def _direct(self, x: Tensor, stride: tuple[int, int]) -> bool:
+        """Whether the convolution kernels take this input (else patches are unfolded)."""
+        return (stride == (1, 1) and x.dtype == self.values.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and conv_kernels.available()
+                and choose_backend(x, self.values, self.layout) == "cpu")
+
+    def _unfolded(self, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                  dilation: tuple[int, int]) -> Tensor:
+        """The block-sparse product on every receptive field: ``(N, out, Ho, Wo)``."""
+        spatial = [(size - d * (k - 1) - 1) // s + 1
+                   for size, k, d, s in zip(x.shape[2:], kernel, dilation, stride)]
+        y = self._gemm(_patches(x, spatial, kernel, stride, dilation))  # (N·Ho·Wo, out)
+        return y.reshape(x.shape[0], *spatial, self.out_channels).permute(0, 3, 1, 2)
 
     def _planar(self, values: tuple[int, ...]) -> tuple[int, int]:
         return (1, values[0]) if self.dims == 1 else (values[0], values[1])

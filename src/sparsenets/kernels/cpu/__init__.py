@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 import warnings
+import weakref
 
 import torch
 from torch import Tensor
@@ -31,11 +32,15 @@ def library() -> ctypes.CDLL | None:
                       f"fallback ({err})", RuntimeWarning, stacklevel=3)
         return None
     lib.bsp_spmm.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
-                             _ptr, _ptr, _ptr, _ptr, _int, _ptr, _int]
+                             _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int]
+    lib.bsp_pack_panels.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
+    lib.bsp_pack_panels.restype = None
+    lib.bsp_panel_floats.argtypes = [_i64, _i64, _i64]
+    lib.bsp_panel_floats.restype = _i64
     lib.bsp_spmm.restype = _int
     lib.bsp_sddmm.argtypes = [_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
                               _ptr, _ptr, _ptr, _int]
-    lib.bsp_sddmm.restype = None
+    lib.bsp_sddmm.restype = _int
     lib.bsp_gemv.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
                              _ptr, _ptr, _ptr, _ptr, _int]
     lib.bsp_gemv.restype = None
@@ -82,9 +87,37 @@ def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
 
 
+# Forward panels (the kept blocks transposed, see bsp_pack_panels) of weights that are not being
+# trained, by id of their values tensor until it changes or is freed (tensors compare by value,
+# so a WeakKeyDictionary can't hold them).
+_PANELS: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def _cached_panels(values: Tensor, layout: BlockLayout) -> Tensor | None:
+    """The forward panels of ``values``, packed once while they stay unchanged; None in training."""
+    if torch.is_grad_enabled() and values.requires_grad:
+        return None  # the optimizer changes them every step
+    try:
+        key = (values._version, values.data_ptr(), layout.row_ptr.data_ptr(), layout.col_idx.data_ptr())
+    except RuntimeError:  # an inference tensor has no version counter to tell a change
+        return None
+    hit = _PANELS.get(id(values))
+    if hit is not None and hit[0]() is values and hit[1] == key:
+        return hit[2]
+    r, c = layout.block
+    lib = _loaded()
+    panels = values.new_empty(lib.bsp_panel_floats(layout.nnz, c, r))
+    lib.bsp_pack_panels(layout.nnz, None, values.data_ptr(), c, r, 1, panels.data_ptr(),
+                        _threads(values.numel()))
+    if hit is None or hit[0]() is not values:
+        weakref.finalize(values, _PANELS.pop, id(values), None)
+    _PANELS[id(values)] = (weakref.ref(values), key, panels)
+    return panels
+
+
 def _spmm(inp: Tensor, in_dim: int, out_dim: int, in_block: int, out_block: int, ptr: Tensor,
           in_blk: Tensor, blk: Tensor | None, values: Tensor, transposed: bool,
-          bias: Tensor | None) -> Tensor:
+          bias: Tensor | None, panels: Tensor | None = None) -> Tensor:
     rows = inp.shape[0]
     out = inp.new_empty(rows, out_dim)
     if rows == 0:
@@ -94,7 +127,8 @@ def _spmm(inp: Tensor, in_dim: int, out_dim: int, in_block: int, out_block: int,
         rows, inp.data_ptr(), inp.stride(0), in_dim, out.data_ptr(), out_dim, out_dim,
         in_block, out_block, ptr.data_ptr(), in_blk.data_ptr(),
         None if blk is None else blk.data_ptr(), values.data_ptr(), int(transposed),
-        None if bias is None else bias.data_ptr(), _threads(work))
+        None if panels is None else panels.data_ptr(), None if bias is None else bias.data_ptr(),
+        _threads(work))
     if status != 0:
         raise MemoryError(f"block-sparse kernel could not allocate its buffers for {rows} rows")
     return out
@@ -112,7 +146,7 @@ def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None =
                            None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
         return out
     return _spmm(x, layout.in_features, layout.out_features, c, r, layout.row_ptr, layout.col_idx,
-                 None, values, True, bias)
+                 None, values, True, bias, _cached_panels(values, layout))
 
 
 def input_grad(grad_out: Tensor, values: Tensor, layout: BlockLayout) -> Tensor:
@@ -127,9 +161,11 @@ def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
     r, c = layout.block
     grad = torch.empty(layout.nnz, r, c, dtype=x.dtype)
     if layout.nnz:
-        _loaded().bsp_sddmm(
+        status = _loaded().bsp_sddmm(
             x.shape[0], grad_out.data_ptr(), grad_out.stride(0), x.data_ptr(), x.stride(0),
             layout.out_features, layout.in_features, r, c, layout.nnz,
             layout.row_idx.data_ptr(), layout.col_idx.data_ptr(), grad.data_ptr(),
             _threads(x.shape[0] * layout.nnz * r * c))
+        if status != 0:
+            raise MemoryError(f"block-sparse kernel could not allocate its buffers for {x.shape[0]} rows")
     return grad

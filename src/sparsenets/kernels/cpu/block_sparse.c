@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -65,27 +66,45 @@ typedef VEC(VW) vec;
 int bsp_vector_width(void) { return VW; }
 int bsp_tile_rows(void) { return MR; }
 
-/* Scratch memory reused across calls by each calling thread: a fresh multi-megabyte buffer
- * costs a page fault per 4 KiB on first touch, which is comparable to a sparse product. */
+/* Scratch memory reused across calls: a fresh multi-megabyte buffer costs a page fault per
+ * 4 KiB on first touch, which is comparable to a sparse product. Each thread keeps two: one for
+ * what a call shares among its threads (packed inputs and panels), one for a thread's own rows. */
 #define WORKSPACE_KEEP ((size_t)64 << 20)
-static __thread float *workspace;
-static __thread size_t workspace_size;
+typedef struct {
+    float *data;
+    size_t size;
+} buffer;
+static __thread buffer shared_buffer, own_buffer;
 
-static float *workspace_get(size_t bytes)
+static float *buffer_get(buffer *b, size_t bytes)
 {
     bytes = (bytes + 63) / 64 * 64;
     if (bytes > WORKSPACE_KEEP) return aligned_alloc(64, bytes);
-    if (bytes > workspace_size) {
-        free(workspace);
-        workspace = aligned_alloc(64, bytes);
-        workspace_size = workspace ? bytes : 0;
+    if (bytes > b->size) {
+        free(b->data);
+        b->data = aligned_alloc(64, bytes);
+        b->size = b->data ? bytes : 0;
     }
-    return workspace;
+    return b->data;
 }
 
-static void workspace_release(float *buffer)
+static void buffer_release(buffer *b, float *data)
 {
-    if (buffer != workspace) free(buffer);
+    if (data != b->data) free(data);
+}
+
+/* Bytes of L2 cache per core (what one thread's working set should stay under). */
+static i64 l2_bytes(void)
+{
+    static i64 cached;
+    if (!cached) {
+        long size = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        cached = size >= (64 << 10) ? size : (1 << 20);
+    }
+    return cached;
 }
 
 /* ---- Out = In·P ------------------------------------------------------------------------ */
@@ -101,11 +120,11 @@ static i64 tile_size(i64 in_dim) { return (in_dim + KC - 1) / KC * CHUNK; }
 
 typedef float chunk_vec __attribute__((vector_size(KC * sizeof(float)), aligned(4), may_alias));
 
-static void pack_rows(i64 tile, i64 rows, const float *in, i64 ld_in, i64 in_dim, float *xp)
+/* Pack rows row0 .. row0+n-1 (n <= MR) of In into one tile at dst. */
+static void pack_tile(i64 row0, i64 n, const float *in, i64 ld_in, i64 in_dim, float *dst)
 {
-    float *dst = xp + tile * tile_size(in_dim);
-    i64 n = MIN(MR, rows - tile * MR), full = in_dim / KC;
-    const float *src = in + tile * MR * ld_in;
+    i64 full = in_dim / KC;
+    const float *src = in + row0 * ld_in;
     for (i64 q = 0; q < full; q++, dst += CHUNK)
         for (int m = 0; m < MR; m++)
             *(chunk_vec *)(dst + m * KC) = m < n ? *(const chunk_vec *)(src + m * ld_in + q * KC) : (chunk_vec){0};
@@ -116,16 +135,26 @@ static void pack_rows(i64 tile, i64 rows, const float *in, i64 ld_in, i64 in_dim
     }
 }
 
-/* Gather the blocks of one output block into a contiguous panel [e][ib][obp] whose rows
- * (one per reduction index k) hold the block's outputs, padded to obp with zeros.
- * `transposed`: the stored block is (ob × ib) and must be transposed (forward, P = Wᵀ). */
-static void pack_panel(i64 n_e, const i64 *blk, i64 first, const float *values, i64 ib,
-                       i64 ob, i64 obp, int transposed, float *panel)
+/* The vector width for blocks of `side` floats: the narrowest that covers it, up to VW. */
+static int lanes_for(i64 side) { return side <= 4 ? 4 : side <= 8 && VW >= 8 ? 8 : VW; }
+
+static i64 padded_side(i64 ob) { i64 l = lanes_for(ob); return (ob + l - 1) / l * l; }
+
+/* Floats of the packed panels of nnz blocks (see bsp_pack_panels). */
+i64 bsp_panel_floats(i64 nnz, i64 ib, i64 ob) { return nnz * ib * padded_side(ob); }
+
+/* Copy the blocks of every output block into panels, in entry order: entry e becomes ib rows
+ * (one per reduction index k) of the block's ob outputs, padded to a whole vector with zeros.
+ * `transposed`: the stored block is (ob × ib) and must be transposed (forward, P = Wᵀ). The
+ * micro-kernel then reads the weights of consecutive k as consecutive vectors. */
+void bsp_pack_panels(i64 n_entries, const i64 *blk, const float *values, i64 ib, i64 ob,
+                     int transposed, float *panels, int n_threads)
 {
-    for (i64 e = 0; e < n_e; e++) {
-        i64 b = blk ? blk[first + e] : first + e;
-        const float *v = values + b * ib * ob;
-        float *dst = panel + e * ib * obp;
+    i64 obp = padded_side(ob);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (i64 e = 0; e < n_entries; e++) {
+        const float *v = values + (blk ? blk[e] : e) * ib * ob;
+        float *dst = panels + e * ib * obp;
         for (i64 k = 0; k < ib; k++) {
             float *row = dst + k * obp;
             if (transposed)
@@ -136,9 +165,6 @@ static void pack_panel(i64 n_e, const i64 *blk, i64 first, const float *values, 
         }
     }
 }
-
-/* The vector width for blocks of `side` floats: the narrowest that covers it, up to VW. */
-static int lanes_for(i64 side) { return side <= 4 ? 4 : side <= 8 && VW >= 8 ? 8 : VW; }
 
 /* Row counts a register tile is instantiated for; other counts are split into these. */
 static int tile_rows(i64 left) { return left >= MR ? MR : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
@@ -153,7 +179,9 @@ static ALWAYS_INLINE void prefetch_inputs(const float *xp, i64 block, i64 ib)
 }
 
 /* One register tile of L-float vectors: mr rows × nv vectors of outputs, summed over every
- * block of the panel, written once with the bias. Defined once per vector width. */
+ * block of the panel, written once with the bias. The k loop walks the packed input a chunk
+ * at a time, so the MR broadcasts sit at fixed offsets from one pointer. Defined once per
+ * vector width. */
 #define DEFINE_SPMM_TILE(L)                                                                        \
     static ALWAYS_INLINE void spmm_tile_##L(const int mr, const int nv, i64 n_e,                  \
                                             const i64 *in_blk, i64 ib, i64 in_dim, const float *xp, \
@@ -164,17 +192,21 @@ static ALWAYS_INLINE void prefetch_inputs(const float *xp, i64 block, i64 ib)
         for (int m = 0; m < mr; m++)                                                               \
             for (int v = 0; v < nv; v++) acc[m][v] = (v##L){0};                                    \
         for (i64 e = 0; e < n_e; e++) {                                                            \
-            i64 col0 = in_blk[e] * ib, kmax = MIN(ib, in_dim - col0);                              \
+            i64 k = in_blk[e] * ib, k_end = k + MIN(ib, in_dim - k);                               \
             const float *p = pp + e * ib * obp;                                                    \
             if (e + 1 < n_e) prefetch_inputs(xp, in_blk[e + 1], ib);                               \
-            for (uint64_t k = col0; k < (uint64_t)(col0 + kmax); k++, p += obp) {                  \
-                const float *x = xp + k / KC * CHUNK + k % KC;                                     \
-                v##L w0 = *(const v##L *)p;                                                        \
-                v##L w1 = nv > 1 ? *(const v##L *)(p + L) : w0;                                    \
-                for (int m = 0; m < mr; m++) {                                                     \
-                    acc[m][0] += w0 * x[m * KC];                                                   \
-                    if (nv > 1) acc[m][1] += w1 * x[m * KC];                                       \
+            while (k < k_end) {                                                                    \
+                i64 stop = MIN(k_end, (k / KC + 1) * KC);                                          \
+                const float *x = xp + k / KC * CHUNK + k % KC, *x_end = x + (stop - k);            \
+                for (; x < x_end; x++, p += obp) {                                                 \
+                    v##L w0 = *(const v##L *)p;                                                    \
+                    v##L w1 = nv > 1 ? *(const v##L *)(p + L) : w0;                                \
+                    for (int m = 0; m < mr; m++) {                                                 \
+                        acc[m][0] += w0 * x[m * KC];                                               \
+                        if (nv > 1) acc[m][1] += w1 * x[m * KC];                                   \
+                    }                                                                              \
                 }                                                                                  \
+                k = stop;                                                                          \
             }                                                                                      \
         }                                                                                          \
         for (int m = 0; m < mr; m++) {                                                             \
@@ -231,68 +263,106 @@ static void spmm_tile_any(int lanes, int mr, int nv, i64 n_e, const i64 *in_blk,
     }
 }
 
-/* Out[rows × out_dim] = In[rows × in_dim] · P (+ bias).
- * Output block o (ob columns) sums the entries ptr[o] .. ptr[o+1]-1; entry e multiplies
- * input block in_blk[e] (ib columns of In) by stored block blk[e] (or e if blk is NULL). */
-int bsp_spmm(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 ld_out,
-             i64 out_dim, i64 ib, i64 ob, const i64 *ptr, const i64 *in_blk, const i64 *blk,
-             const float *values, int transposed, const float *bias, int n_threads)
+/* The shape of one product, shared by its loops. */
+typedef struct {
+    i64 rows, in_dim, out_dim, ib, ob, obp, n_ob;
+    int lanes;
+    const i64 *ptr, *in_blk;
+    const float *panels, *bias;
+    float *out;
+    i64 ld_out;
+} product;
+
+/* Output block o for the packed tiles of rows row0 .. row_end-1 (xp points at row0's tile). */
+static void output_block(const product *P, i64 o, const float *xp, i64 row0, i64 row_end)
 {
-    i64 n_ob = (out_dim + ob - 1) / ob; /* an empty output block gets its bias or zeros */
-    i64 n_tiles = (rows + MR - 1) / MR;
-    if (n_ob == 0 || n_tiles == 0) return 0;
-    int lanes = lanes_for(ob);
-    i64 obp = (ob + lanes - 1) / lanes * lanes;
-    i64 max_e = 0;
-    for (i64 o = 0; o < n_ob; o++) max_e = ptr[o + 1] - ptr[o] > max_e ? ptr[o + 1] - ptr[o] : max_e;
-
-    i64 n_runs = MIN(n_tiles, (4 * n_threads + n_ob - 1) / n_ob);
-    i64 tiles_per_run = (n_tiles + n_runs - 1) / n_runs;
-    i64 panel_size = (max_e * ib * obp + 15) / 16 * 16; /* whole cache lines per thread */
-    i64 xp_size = n_tiles * tile_size(in_dim);
-    float *xp = workspace_get((xp_size + n_threads * panel_size) * sizeof(float));
-    if (!xp) return -1;
-    float *panels = xp + xp_size;
-
-#pragma omp parallel num_threads(n_threads)
-    {
-#ifdef _OPENMP
-        float *panel = panels + omp_get_thread_num() * panel_size;
-#else
-        float *panel = panels;
-#endif
-#pragma omp for schedule(dynamic, 4) /* dynamic: a thread the OS delays doesn't hold up the rest */
-        for (i64 t = 0; t < n_tiles; t++) pack_rows(t, rows, in, ld_in, in_dim, xp);
-
-        /* Work items are (output block, run of row tiles); runs split the rows only when there
-         * are too few output blocks to keep every thread busy. A thread repacks its panel only
-         * when its output block changes. */
-        i64 packed = -1;
-#pragma omp for schedule(dynamic, 1) collapse(2)
-        for (i64 o = 0; o < n_ob; o++) {
-            for (i64 run = 0; run < n_runs; run++) {
-                i64 n_e = ptr[o + 1] - ptr[o];
-                i64 out0 = o * ob, n_out = MIN(ob, out_dim - out0);
-                if (packed != o) {
-                    pack_panel(n_e, blk, ptr[o], values, ib, ob, obp, transposed, panel);
-                    packed = o;
-                }
-                for (i64 t0 = 0; t0 < obp && t0 < n_out; t0 += 2 * lanes) {
-                    int nv = obp - t0 >= 2 * lanes ? 2 : 1;
-                    const float *bias_t = bias ? bias + out0 + t0 : NULL;
-                    i64 row_end = MIN(rows, (run + 1) * tiles_per_run * MR);
-                    for (i64 row = run * tiles_per_run * MR, mr; row < row_end; row += mr) {
-                        mr = tile_rows(row_end - row); /* whole tiles, then the last one's rows */
-                        const float *x = xp + row / MR * tile_size(in_dim) + row % MR * KC;
-                        spmm_tile_any(lanes, (int)mr, nv, n_e, in_blk + ptr[o], ib, in_dim, x, panel + t0,
-                                      obp, out + row * ld_out + out0 + t0, ld_out, n_out - t0, bias_t);
-                    }
-                }
-            }
+    i64 n_e = P->ptr[o + 1] - P->ptr[o], out0 = o * P->ob, n_out = MIN(P->ob, P->out_dim - out0);
+    const float *panel = P->panels + P->ptr[o] * P->ib * P->obp;
+    i64 tsize = tile_size(P->in_dim);
+    for (i64 t0 = 0; t0 < P->obp && t0 < n_out; t0 += 2 * P->lanes) {
+        int nv = P->obp - t0 >= 2 * P->lanes ? 2 : 1;
+        const float *bias_t = P->bias ? P->bias + out0 + t0 : NULL;
+        for (i64 row = row0, mr; row < row_end; row += mr) {
+            mr = tile_rows(row_end - row); /* whole tiles, then the last one's rows */
+            const float *x = xp + (row - row0) / MR * tsize + (row - row0) % MR * KC;
+            spmm_tile_any(P->lanes, (int)mr, nv, n_e, P->in_blk + P->ptr[o], P->ib, P->in_dim, x, panel + t0,
+                          P->obp, P->out + row * P->ld_out + out0 + t0, P->ld_out, n_out - t0, bias_t);
         }
     }
-    workspace_release(xp);
-    return 0;
+}
+
+/* Out[rows × out_dim] = In[rows × in_dim] · P (+ bias).
+ * Output block o (ob columns) sums the entries ptr[o] .. ptr[o+1]-1; entry e multiplies
+ * input block in_blk[e] (ib columns of In) by stored block blk[e] (or e if blk is NULL).
+ * `panels`: the entries already packed by bsp_pack_panels (kept between calls when the
+ * weights don't change), or NULL to pack them here.
+ *
+ * Many rows: each thread takes groups of row tiles small enough to stay in its L2 cache,
+ * packs them itself and runs every output block over them, so the inputs are read from
+ * memory once and the panels (in L1/L2) are reused by every tile of the group.
+ * Few rows: all rows are packed once and the threads share out the output blocks. */
+int bsp_spmm(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 ld_out,
+             i64 out_dim, i64 ib, i64 ob, const i64 *ptr, const i64 *in_blk, const i64 *blk,
+             const float *values, int transposed, const float *panels, const float *bias, int n_threads)
+{
+    i64 n_ob = (out_dim + ob - 1) / ob; /* an empty output block gets its bias or zeros */
+    i64 n_tiles = (rows + MR - 1) / MR, nnz = n_ob ? ptr[n_ob] : 0, tsize = tile_size(in_dim);
+    if (n_ob == 0 || n_tiles == 0) return 0;
+    product P = {rows, in_dim, out_dim, ib, ob, padded_side(ob), n_ob, lanes_for(ob), ptr, in_blk,
+                 panels, bias, out, ld_out};
+
+    i64 group_tiles = MIN(n_tiles, l2_bytes() / 2 / (tsize * (i64)sizeof(float)) + 1);
+    i64 n_groups = (n_tiles + group_tiles - 1) / group_tiles;
+    int by_rows = n_groups >= n_threads && n_tiles >= 4 * n_threads;
+    if (by_rows) n_groups = (n_groups + n_threads - 1) / n_threads * n_threads; /* even shares */
+    i64 panel_floats = panels ? 0 : bsp_panel_floats(nnz, ib, ob);
+    i64 shared_floats = (panel_floats + 15) / 16 * 16 + (by_rows ? 0 : n_tiles * tsize);
+    float *shared = shared_floats ? buffer_get(&shared_buffer, shared_floats * sizeof(float)) : NULL;
+    if (shared_floats && !shared) return -1;
+    if (!panels) {
+        bsp_pack_panels(nnz, blk, values, ib, ob, transposed, shared, n_threads);
+        P.panels = shared;
+    }
+    int failed = 0;
+    if (by_rows) {
+#pragma omp parallel num_threads(n_threads)
+        {
+            i64 most = (n_tiles + n_groups - 1) / n_groups;
+            float *xp = buffer_get(&own_buffer, most * tsize * sizeof(float));
+            if (!xp) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1) /* dynamic: a thread the OS delays doesn't hold up the rest */
+            for (i64 g = 0; g < n_groups; g++) {
+                if (!xp) continue;
+                i64 first = g * n_tiles / n_groups, last = (g + 1) * n_tiles / n_groups;
+                i64 row0 = first * MR, row_end = MIN(rows, last * MR);
+                for (i64 t = first; t < last; t++)
+                    pack_tile(t * MR, MIN(MR, rows - t * MR), in, ld_in, in_dim, xp + (t - first) * tsize);
+                for (i64 o = 0; o < n_ob; o++) output_block(&P, o, xp, row0, row_end);
+            }
+            if (xp) buffer_release(&own_buffer, xp);
+        }
+    } else {
+        float *xp = shared + (panel_floats + 15) / 16 * 16;
+        /* Runs split the rows too when there are too few output blocks to keep every thread busy. */
+        i64 n_runs = MIN(n_tiles, (4 * n_threads + n_ob - 1) / n_ob);
+#pragma omp parallel num_threads(n_threads)
+        {
+#pragma omp for schedule(static)
+            for (i64 t = 0; t < n_tiles; t++)
+                pack_tile(t * MR, MIN(MR, rows - t * MR), in, ld_in, in_dim, xp + t * tsize);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+            for (i64 o = 0; o < n_ob; o++)
+                for (i64 run = 0; run < n_runs; run++) {
+                    i64 first = run * n_tiles / n_runs, last = (run + 1) * n_tiles / n_runs;
+                    output_block(&P, o, xp + first * tsize, first * MR, MIN(rows, last * MR));
+                }
+        }
+    }
+    if (shared) buffer_release(&shared_buffer, shared);
+    return failed ? -1 : 0;
 }
 
 /* ---- Out = In·Wᵀ for a few rows ------------------------------------------------------------ */
@@ -377,30 +447,50 @@ void bsp_gemv(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 
 
 /* ---- G[e] = dY[:, rows(e)]ᵀ · X[:, cols(e)] ------------------------------------------------ */
 
-/* mr rows × nv vectors of L columns of one block's gradient, reduced over all input rows. */
+/* The batch is taken in chunks whose packed inputs fit in L2: for each chunk, X is copied
+ * column-block by column-block (Xp[C][b][0..cp), padded to whole vectors) and dY row-block by
+ * row-block (Yp[R][b][0..r)), so a block's gradient reads both as two contiguous streams. */
+typedef struct {
+    i64 rows, n_out, n_in, r, c, cp, n_rb, n_cb;
+} sddmm_shape;
+
+static void pack_columns(const float *src, i64 ld, i64 b0, i64 nb, i64 width, i64 side, i64 padded,
+                         i64 block, float *dst)
+{
+    i64 col0 = block * side, n = MIN(side, width - col0);
+    for (i64 b = 0; b < nb; b++, dst += padded) {
+        memcpy(dst, src + (b0 + b) * ld + col0, n * sizeof(float));
+        for (i64 t = n; t < padded; t++) dst[t] = 0.0f;
+    }
+}
+
+/* mr rows × nv vectors of L columns of one block's gradient over nb packed batch rows, added to
+ * g (or written, for the first chunk). */
 #define DEFINE_SDDMM_TILE(L)                                                                       \
-    static ALWAYS_INLINE void sddmm_tile_##L(const int mr, const int nv, i64 rows, const float *gy, \
-                                             i64 ld_gy, const float *x, i64 ld_x, float *g, i64 ldg) \
+    static ALWAYS_INLINE void sddmm_tile_##L(const int mr, const int nv, i64 nb, const float *yp, \
+                                             i64 r, const float *xp, i64 cp, float *g, i64 ldg,    \
+                                             int first)                                            \
     {                                                                                              \
         v##L acc[MR][2];                                                                           \
         for (int m = 0; m < mr; m++)                                                               \
-            for (int v = 0; v < nv; v++) acc[m][v] = (v##L){0};                                    \
-        for (i64 b = 0; b < rows; b++, gy += ld_gy, x += ld_x) {                                   \
-            v##L x0 = *(const v##L *)x;                                                            \
-            v##L x1 = nv > 1 ? *(const v##L *)(x + L) : x0;                                        \
+            for (int v = 0; v < nv; v++)                                                           \
+                acc[m][v] = first ? (v##L){0} : *(const v##L *)(g + m * ldg + v * L);              \
+        for (i64 b = 0; b < nb; b++, yp += r, xp += cp) {                                          \
+            v##L x0 = *(const v##L *)xp;                                                           \
+            v##L x1 = nv > 1 ? *(const v##L *)(xp + L) : x0;                                       \
             for (int m = 0; m < mr; m++) {                                                         \
-                acc[m][0] += x0 * gy[m];                                                           \
-                if (nv > 1) acc[m][1] += x1 * gy[m];                                               \
+                acc[m][0] += x0 * yp[m];                                                           \
+                if (nv > 1) acc[m][1] += x1 * yp[m];                                               \
             }                                                                                      \
         }                                                                                          \
         for (int m = 0; m < mr; m++)                                                               \
             for (int v = 0; v < nv; v++) *(v##L *)(g + m * ldg + v * L) = acc[m][v];               \
     }
 
-#define SDDMM_CASE(L, M)                                                    \
-    case L * 100 + M:                                                       \
-        if (L == VW && nv == 2) sddmm_tile_##L(M, 2, rows, gy, ld_gy, x, ld_x, g, ldg); \
-        else sddmm_tile_##L(M, 1, rows, gy, ld_gy, x, ld_x, g, ldg);        \
+#define SDDMM_CASE(L, M)                                                                   \
+    case L * 100 + M:                                                                      \
+        if (L == VW && nv == 2) sddmm_tile_##L(M, 2, nb, yp, r, xp, cp, g, ldg, first);    \
+        else sddmm_tile_##L(M, 1, nb, yp, r, xp, cp, g, ldg, first);                       \
         break;
 #if MR > 8
 #define SDDMM_CASES(L) SDDMM_CASE(L, 1) SDDMM_CASE(L, 2) SDDMM_CASE(L, 4) SDDMM_CASE(L, 8) SDDMM_CASE(L, MR)
@@ -416,8 +506,8 @@ DEFINE_SDDMM_TILE(8)
 DEFINE_SDDMM_TILE(16)
 #endif
 
-static void sddmm_tile_any(int lanes, int mr, int nv, i64 rows, const float *gy, i64 ld_gy,
-                           const float *x, i64 ld_x, float *g, i64 ldg)
+static void sddmm_tile_any(int lanes, int mr, int nv, i64 nb, const float *yp, i64 r, const float *xp,
+                           i64 cp, float *g, i64 ldg, int first)
 {
     switch (lanes * 100 + mr) {
         SDDMM_CASES(4)
@@ -430,33 +520,61 @@ static void sddmm_tile_any(int lanes, int mr, int nv, i64 rows, const float *gy,
     }
 }
 
-/* grad[e] (r × c) for every kept block e at (blk_row[e], blk_col[e]); padding stays zero. */
-void bsp_sddmm(i64 rows, const float *gy, i64 ld_gy, const float *x, i64 ld_x, i64 n_out,
-               i64 n_in, i64 r, i64 c, i64 nnz, const i64 *blk_row, const i64 *blk_col,
-               float *grad, int n_threads)
+/* One block's gradient over one chunk: a padded r × cp tile, rows of MR, vectors along c. */
+static void sddmm_block(const sddmm_shape *S, i64 nb, const float *yp, const float *xp, float *g, int first)
 {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (i64 e = 0; e < nnz; e++) {
-        i64 row0 = blk_row[e] * r, col0 = blk_col[e] * c;
-        i64 n_r = MIN(r, n_out - row0), n_c = MIN(c, n_in - col0);
-        float *g = grad + e * r * c;
-        memset(g, 0, r * c * sizeof(float));
-        for (i64 m0 = 0, mr; m0 < n_r; m0 += mr) {
-            mr = tile_rows(n_r - m0);
-            const float *gy0 = gy + row0 + m0;
-            i64 t0 = 0;
-            while (n_c - t0 >= 4) { /* the widest vectors that fit, then scalars */
-                int lanes = n_c - t0 >= VW ? VW : n_c - t0 >= 8 ? 8 : 4;
-                int nv = lanes == VW && n_c - t0 >= 2 * VW ? 2 : 1;
-                sddmm_tile_any(lanes, (int)mr, nv, rows, gy0, ld_gy, x + col0 + t0, ld_x, g + m0 * c + t0, c);
-                t0 += nv * lanes;
-            }
-            for (i64 m = 0; m < mr; m++)
-                for (i64 t = t0; t < n_c; t++) {
-                    float s = 0.0f;
-                    for (i64 b = 0; b < rows; b++) s += gy0[b * ld_gy + m] * x[b * ld_x + col0 + t];
-                    g[(m0 + m) * c + t] = s;
-                }
+    int lanes = lanes_for(S->c);
+    for (i64 m0 = 0, mr; m0 < S->r; m0 += mr) {
+        mr = tile_rows(S->r - m0);
+        for (i64 t0 = 0; t0 < S->cp; t0 += 2 * lanes) {
+            int nv = S->cp - t0 >= 2 * lanes ? 2 : 1;
+            sddmm_tile_any(lanes, (int)mr, nv, nb, yp + m0, S->r, xp + t0, S->cp, g + m0 * S->cp + t0, S->cp, first);
         }
     }
+}
+
+/* grad[e] (r × c) for every kept block e at (blk_row[e], blk_col[e]); padding stays zero. */
+int bsp_sddmm(i64 rows, const float *gy, i64 ld_gy, const float *x, i64 ld_x, i64 n_out,
+              i64 n_in, i64 r, i64 c, i64 nnz, const i64 *blk_row, const i64 *blk_col,
+              float *grad, int n_threads)
+{
+    sddmm_shape S = {rows, n_out, n_in, r, c, padded_side(c), (n_out + r - 1) / r, (n_in + c - 1) / c};
+    if (nnz == 0) return 0;
+    if (rows == 0) {
+        memset(grad, 0, nnz * r * c * sizeof(float));
+        return 0;
+    }
+    /* Batch rows per chunk: the chunk's packed X and dY take half of L2. */
+    i64 per_row = (S.n_cb * S.cp + S.n_rb * r) * (i64)sizeof(float);
+    i64 chunk = MIN(rows, l2_bytes() / 2 / per_row);
+    chunk = chunk < 16 ? MIN(rows, 16) : chunk;
+    i64 xp_floats = S.n_cb * chunk * S.cp, yp_floats = S.n_rb * chunk * r;
+    float *xp = buffer_get(&shared_buffer, (xp_floats + yp_floats) * sizeof(float));
+    if (!xp) return -1;
+    float *yp = xp + xp_floats;
+    /* The padded gradient, or grad itself when no padding is needed. */
+    float *g = S.cp == c ? grad : malloc(nnz * r * S.cp * sizeof(float));
+    if (!g) {
+        buffer_release(&shared_buffer, xp);
+        return -1;
+    }
+#pragma omp parallel num_threads(n_threads)
+    for (i64 b0 = 0; b0 < rows; b0 += chunk) {
+        i64 nb = MIN(chunk, rows - b0);
+#pragma omp for schedule(static) nowait
+        for (i64 cb = 0; cb < S.n_cb; cb++) pack_columns(x, ld_x, b0, nb, n_in, c, S.cp, cb, xp + cb * chunk * S.cp);
+#pragma omp for schedule(static)
+        for (i64 rb = 0; rb < S.n_rb; rb++) pack_columns(gy, ld_gy, b0, nb, n_out, r, r, rb, yp + rb * chunk * r);
+#pragma omp for schedule(static) /* static: each thread keeps its blocks' gradients in cache */
+        for (i64 e = 0; e < nnz; e++)
+            sddmm_block(&S, nb, yp + blk_row[e] * chunk * r, xp + blk_col[e] * chunk * S.cp,
+                        g + e * r * S.cp, b0 == 0);
+    }
+    if (g != grad) {
+        for (i64 e = 0; e < nnz; e++)
+            for (i64 m = 0; m < r; m++) memcpy(grad + (e * r + m) * c, g + (e * r + m) * S.cp, c * sizeof(float));
+        free(g);
+    }
+    buffer_release(&shared_buffer, xp);
+    return 0;
 }

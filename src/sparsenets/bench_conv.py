@@ -1,0 +1,127 @@
+"""How much faster block-sparse convolutions run than ``nn.Conv1d``/``nn.Conv2d``.
+
+Each case is a convolution whose GEMM-form weight (``out × in·k``) keeps blocks at random to an
+exact sparsity. Side by side, with the same weight, it times the dense layer, this library's
+:class:`~sparsenets.layers.BlockSparseConv2d` (or ``1d``) and, for reference, the same layer
+on unfolded patches (the path it takes at strides above 1). Implementations run in interleaved
+rounds (:mod:`sparsenets.utils.timing`); each figure is the median over the rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bench import block_mask
+from .layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d
+from .utils import timing
+
+IMPLEMENTATIONS = ("dense", "sparsenets", "unfold")
+MODES = ("forward", "forward+backward")
+MIN_ROUNDS = 3
+Step = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    channels: tuple[int, int]  # in, out
+    kernel: int
+    spatial: tuple[int, ...]  # (H, W) or (L,)
+    batch: int
+    sparsity: float
+    mode: str = "forward"
+    block: tuple[int, int] = (32, 32)
+
+    @property
+    def label(self) -> str:
+        size = "x".join(map(str, self.spatial))
+        taps = "x".join([str(self.kernel)] * len(self.spatial))
+        return f"conv{len(self.spatial)}d {self.channels[0]}->{self.channels[1]} {taps} {size} batch {self.batch}"
+
+
+def default_cases(modes: tuple[str, ...] = MODES) -> list[ConvCase]:
+    """The 256-channel 28×28 layer at 90/75/50%, a 64-channel 56×56 one and a Conv1d, in each mode."""
+    shapes = [((256, 256), 3, (28, 28), 32, s) for s in (0.9, 0.75, 0.5)]
+    shapes += [((64, 64), 3, (56, 56), 32, 0.9), ((512, 512), 3, (1024,), 16, 0.9)]
+    return [ConvCase(*shape, mode=mode) for mode in modes for shape in shapes]
+
+
+def _layers(case: ConvCase, generator: torch.Generator) -> tuple[nn.Module, nn.Module]:
+    dense_cls = nn.Conv2d if len(case.spatial) == 2 else nn.Conv1d
+    sparse_cls = BlockSparseConv2d if len(case.spatial) == 2 else BlockSparseConv1d
+    dense = dense_cls(*case.channels, case.kernel, padding=case.kernel // 2)
+    taps = case.kernel ** len(case.spatial)
+    mask = block_mask((case.channels[1], case.channels[0] * taps), case.block, case.sparsity, generator)
+    mask = mask.reshape(dense.weight.shape)
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    return dense, sparse_cls.from_dense(dense, dense.weight, mask, case.block)
+
+
+def _unfolded(layer: BlockSparseConv1d | BlockSparseConv2d) -> Callable[[Tensor], Tensor]:
+    """The layer's convolution on unfolded patches (zero padding)."""
+    def forward(x: Tensor) -> Tensor:
+        planar = F.pad(x, layer._pad)
+        planar = planar.unsqueeze(2) if layer.dims == 1 else planar
+        y = layer._unfolded(planar, *(layer._planar(v) for v in (layer.kernel_size, layer.stride, layer.dilation)))
+        return (y.squeeze(2) if layer.dims == 1 else y).contiguous()
+    return forward
+
+
+def _step(forward: Callable[[Tensor], Tensor], x: Tensor, leaves: list[Tensor], backward: bool) -> Step:
+    if not backward:
+        return lambda: forward(x)
+    x = x.clone().requires_grad_()
+
+    def step():
+        for leaf in (x, *leaves):
+            leaf.grad = None
+        forward(x).sum().backward()
+    return step
+
+
+def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float = 3.0, seed: int = 0) -> dict:
+    """Median milliseconds of each implementation on one case, plus speedups over dense; JSON-ready."""
+    generator = torch.Generator().manual_seed(seed)
+    dense, sparse = _layers(case, generator)
+    x = torch.randn(case.batch, case.channels[0], *case.spatial, generator=generator)
+    backward = case.mode == "forward+backward"
+    steps = {"dense": _step(dense, x, list(dense.parameters()), backward),
+             "sparsenets": _step(sparse, x, list(sparse.parameters()), backward),
+             "unfold": _step(_unfolded(sparse), x, list(sparse.parameters()), backward)}
+    with torch.enable_grad() if backward else torch.inference_mode():
+        timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,
+                                     candidate_budget_s=budget_s)
+    ms = timings.median_ms()
+    return {
+        "layer": case.label, "channels": list(case.channels), "kernel": case.kernel, "spatial": list(case.spatial),
+        "batch": case.batch, "pattern": f"block:{case.block[0]}x{case.block[1]}", "sparsity": case.sparsity,
+        "density": sparse.density, "mode": case.mode, "threads": torch.get_num_threads(), "ms": ms,
+        "rounds": {name: len(t) for name, t in timings.seconds.items()},
+        "speedup": {name: ms["dense"] / t for name, t in ms.items()},
+        # the median of per-round ratios: robust to rounds that stalled on other processes' load
+        "paired_speedup": {name: statistics.median(timings.ratios("dense", name)) for name in ms},
+    }
+
+
+def rows(threads: int | None = None, repeats: int = 5, cases: list[ConvCase] | None = None,
+         warmup: int = 1, budget_s: float = 3.0) -> list[dict]:
+    """One row per case (default: :func:`default_cases`), on ``threads`` threads (default: as set)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return [measure(case, repeats, warmup, budget_s) for case in cases or default_cases()]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def ideal(row: dict) -> float:
+    """The speedup that skipping the removed blocks alone would give."""
+    return 1 / row["density"] if row["density"] else math.inf
