@@ -23,7 +23,7 @@ from sparsenets.kernels import (
 )
 from sparsenets.kernels.cpu import build
 
-BLOCKS = [(32, 32), (4, 4), (8, 1), (1, 8), (16, 32)]
+BLOCKS = [(32, 32), (4, 4), (8, 8), (8, 1), (1, 8), (16, 32), (2, 2), (3, 5), (4, 16), (12, 20)]
 needs_cpu_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernels")
 
 
@@ -127,9 +127,35 @@ def test_torch_fallback_matches_dense(out_features, in_features, block, density,
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("rows", [1, 7, 8, 12, 100])  # gemv path below 8 rows, tiles of 6 or 12 above
+@pytest.mark.parametrize("rows", [1, 7, 8, 12, 100, 301])  # gemv below 8 rows; shared or per-thread tiles
 def test_cpu_kernels_every_path(block, rows):
     check_against_reference(random_layout(300, 200, block, 0.3), (rows,), "cpu")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("block", [(32, 32), (8, 8), (4, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inputs_wider_than_the_cache_split_into_row_groups_and_batch_chunks(block, threads):
+    """2100 inputs: several row groups per thread in the forward and several batch chunks in the
+    weight gradient (both sized from the L2 cache), with edges that divide by nothing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(random_layout(70, 2100, block, 0.2), (301,), "cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpu_kernels
+def test_forward_panels_are_cached_for_frozen_weights_and_repacked_after_a_change():
+    layout = random_layout(64, 96, (32, 32), 0.6)
+    values, x = torch.randn(layout.nnz, 32, 32), torch.randn(20, 96)
+    with torch.no_grad():
+        first = block_sparse_linear(x, values, layout)
+        values.mul_(2)  # in place: the version counter moves, so the cached panels are stale
+        second = block_sparse_linear(x, values, layout)
+    torch.testing.assert_close(second, 2 * first)
+    torch.testing.assert_close(second, F.linear(x, scatter_blocks(values, layout)), atol=1e-4, rtol=1e-4)
 
 
 @needs_cpu_kernels

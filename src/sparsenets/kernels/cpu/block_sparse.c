@@ -78,7 +78,7 @@ static __thread buffer shared_buffer, own_buffer;
 
 static float *buffer_get(buffer *b, size_t bytes)
 {
-    bytes = (bytes + 63) / 64 * 64;
+    bytes = bytes ? (bytes + 63) / 64 * 64 : 64; /* never NULL for an empty request */
     if (bytes > WORKSPACE_KEEP) return aligned_alloc(64, bytes);
     if (bytes > b->size) {
         free(b->data);
@@ -291,44 +291,183 @@ static void output_block(const product *P, i64 o, const float *xp, i64 row0, i64
     }
 }
 
-/* Out[rows × out_dim] = In[rows × in_dim] · P (+ bias).
- * Output block o (ob columns) sums the entries ptr[o] .. ptr[o+1]-1; entry e multiplies
- * input block in_blk[e] (ib columns of In) by stored block blk[e] (or e if blk is NULL).
- * `panels`: the entries already packed by bsp_pack_panels (kept between calls when the
- * weights don't change), or NULL to pack them here.
- *
+/* ---- Out = In·P for narrow output blocks ----------------------------------------------- */
+
+/* Output blocks narrower than a vector (4×4, 8×8 blocks on AVX-512) would leave most lanes
+ * of the kernel above idle, so here the vectors run along the batch instead: a tile is NR
+ * outputs × NB vectors of input rows, the input is packed transposed (xt[k][BT]) and the
+ * weights are broadcast from the same panels. NR·NB = 24 accumulators on AVX-512. */
+#if VW >= 16
+#define NB8 3
+#define NB4 6
+#elif VW >= 8
+#define NB8 0 /* 8-wide blocks fill AVX2 vectors: the kernel above takes them */
+#define NB4 3
+#else
+#define NB8 0
+#define NB4 0
+#endif
+
+#if NB4 || NB8 /* (nothing is narrow for 4-wide vectors) */
+static int narrow_rows(i64 ob) { return ob <= 4 && NB4 ? 4 : ob <= 8 && NB8 ? 8 : 0; }
+static int narrow_vectors(int nr) { return nr == 4 ? NB4 : NB8; }
+
+typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
+
+/* Lane permutation for one butterfly stage of a VW × VW transpose (lanes VW.. are the second
+ * operand's): rows i and i+h swap their off-diagonal h-blocks. */
+static ALWAYS_INLINE ivec butterfly(int h, int upper)
+{
+    ivec m;
+#pragma GCC unroll 16
+    for (int l = 0; l < VW; l++) m[l] = (l / h) % 2 == 0 ? l + (upper ? h : 0) : VW + l - (upper ? 0 : h);
+    return m;
+}
+
+/* Transpose VW vectors in registers: log2(VW) stages of VW two-source shuffles. */
+static ALWAYS_INLINE void transpose(vec r[VW])
+{
+#pragma GCC unroll 4
+    for (int h = VW / 2; h >= 1; h /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < VW; i++)
+            if ((i / h) % 2 == 0 && i + h < VW) {
+                vec a = r[i], b = r[i + h];
+                r[i] = __builtin_shuffle(a, b, butterfly(h, 0));
+                r[i + h] = __builtin_shuffle(a, b, butterfly(h, 1));
+            }
+}
+
+/* xt[k][b] = In[row0 + b][k] for b < n (zeros up to bt), a VW × VW square at a time. */
+static void pack_transposed(i64 row0, i64 n, i64 bt, const float *in, i64 ld_in, i64 in_dim, float *xt)
+{
+    for (i64 k0 = 0; k0 < in_dim; k0 += VW) {
+        i64 nk = MIN(VW, in_dim - k0);
+        for (i64 b0 = 0; b0 < bt; b0 += VW) {
+            vec r[VW];
+            for (i64 b = 0; b < VW; b++) {
+                const float *src = in + (row0 + b0 + b) * ld_in + k0;
+                if (b0 + b < n && nk == VW) r[b] = *(const vec *)src;
+                else
+                    for (i64 t = 0; t < VW; t++) r[b][t] = b0 + b < n && t < nk ? src[t] : 0.0f;
+            }
+            transpose(r);
+            for (i64 t = 0; t < nk; t++) *(vec *)(xt + (k0 + t) * bt + b0) = r[t];
+        }
+    }
+}
+
+#define DEFINE_NARROW_TILE(NR, NB)                                                                 \
+    static void narrow_tile_##NR(i64 n_e, const i64 *in_blk, i64 ib, i64 in_dim, const float *xt,  \
+                                 const float *pp, float *out, i64 ld_out, i64 n_rows,              \
+                                 i64 n_valid, const float *bias)                                   \
+    {                                                                                              \
+        enum { BT = NB * VW };                                                                     \
+        vec acc[NR][NB];                                                                           \
+        for (int i = 0; i < NR; i++)                                                               \
+            for (int v = 0; v < NB; v++) acc[i][v] = (vec){0};                                     \
+        for (i64 e = 0; e < n_e; e++) {                                                            \
+            i64 k = in_blk[e] * ib, k_end = k + MIN(ib, in_dim - k);                               \
+            const float *p = pp + e * ib * NR, *x = xt + k * BT;                                   \
+            for (; k < k_end; k++, p += NR, x += BT) {                                             \
+                vec xv[NB];                                                                        \
+                for (int v = 0; v < NB; v++) xv[v] = *(const vec *)(x + v * VW);                   \
+                for (int i = 0; i < NR; i++)                                                       \
+                    for (int v = 0; v < NB; v++) acc[i][v] += p[i] * xv[v];                        \
+            }                                                                                      \
+        }                                                                                          \
+        float cols[NR][BT]; /* transposed store: the lanes are rows, written row by row */       \
+        for (int i = 0; i < NR; i++)                                                               \
+            for (int v = 0; v < NB; v++) *(vec *)(cols[i] + v * VW) = acc[i][v];                   \
+        for (i64 b = 0; b < n_rows; b++)                                                           \
+            for (int i = 0; i < NR && i < n_valid; i++)                                            \
+                out[b * ld_out + i] = cols[i][b] + (bias ? bias[i] : 0.0f);                        \
+    }
+
+#if NB4
+DEFINE_NARROW_TILE(4, NB4)
+#endif
+#if NB8
+DEFINE_NARROW_TILE(8, NB8)
+#endif
+
+static void narrow_block(const product *P, int nr, i64 o, const float *xt, i64 row0, i64 n_rows)
+{
+    i64 n_e = P->ptr[o + 1] - P->ptr[o], out0 = o * P->ob, n_out = MIN(P->ob, P->out_dim - out0);
+    const float *panel = P->panels + P->ptr[o] * P->ib * P->obp;
+    const i64 *blocks = P->in_blk + P->ptr[o];
+    const float *bias = P->bias ? P->bias + out0 : NULL;
+    float *out = P->out + row0 * P->ld_out + out0;
+#if NB4
+    if (nr == 4) narrow_tile_4(n_e, blocks, P->ib, P->in_dim, xt, panel, out, P->ld_out, n_rows, n_out, bias);
+#endif
+#if NB8
+    if (nr == 8) narrow_tile_8(n_e, blocks, P->ib, P->in_dim, xt, panel, out, P->ld_out, n_rows, n_out, bias);
+#endif
+}
+
+/* The product for narrow output blocks: threads take batch tiles when there are enough of
+ * them (each packs its own), else share all packed tiles and split the output blocks. */
+static int narrow_spmm(const product *P, int nr, const float *in, i64 ld_in, int n_threads)
+{
+    i64 bt = narrow_vectors(nr) * VW, n_bt = (P->rows + bt - 1) / bt, tsize = P->in_dim * bt;
+    int by_rows = n_bt >= 2 * n_threads;
+    float *shared = by_rows ? NULL : buffer_get(&own_buffer, n_bt * tsize * sizeof(float));
+    if (!by_rows && !shared) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        if (by_rows) {
+            float *xt = buffer_get(&own_buffer, tsize * sizeof(float));
+            if (!xt) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (i64 t = 0; t < n_bt; t++) {
+                if (!xt) continue;
+                i64 row0 = t * bt, n = MIN(bt, P->rows - row0);
+                pack_transposed(row0, n, bt, in, ld_in, P->in_dim, xt);
+                for (i64 o = 0; o < P->n_ob; o++) narrow_block(P, nr, o, xt, row0, n);
+            }
+            if (xt) buffer_release(&own_buffer, xt);
+        } else {
+#pragma omp for schedule(static)
+            for (i64 t = 0; t < n_bt; t++)
+                pack_transposed(t * bt, MIN(bt, P->rows - t * bt), bt, in, ld_in, P->in_dim, shared + t * tsize);
+#pragma omp for schedule(dynamic, 4) collapse(2)
+            for (i64 o = 0; o < P->n_ob; o++)
+                for (i64 t = 0; t < n_bt; t++)
+                    narrow_block(P, nr, o, shared + t * tsize, t * bt, MIN(bt, P->rows - t * bt));
+        }
+    }
+    if (shared) buffer_release(&own_buffer, shared);
+    return failed ? -1 : 0;
+}
+
+#endif /* NB4 || NB8 */
+
+/* The product for output blocks a vector or wider.
  * Many rows: each thread takes groups of row tiles small enough to stay in its L2 cache,
  * packs them itself and runs every output block over them, so the inputs are read from
  * memory once and the panels (in L1/L2) are reused by every tile of the group.
  * Few rows: all rows are packed once and the threads share out the output blocks. */
-int bsp_spmm(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 ld_out,
-             i64 out_dim, i64 ib, i64 ob, const i64 *ptr, const i64 *in_blk, const i64 *blk,
-             const float *values, int transposed, const float *panels, const float *bias, int n_threads)
+static int wide_spmm(const product *P, const float *in, i64 ld_in, int n_threads)
 {
-    i64 n_ob = (out_dim + ob - 1) / ob; /* an empty output block gets its bias or zeros */
-    i64 n_tiles = (rows + MR - 1) / MR, nnz = n_ob ? ptr[n_ob] : 0, tsize = tile_size(in_dim);
-    if (n_ob == 0 || n_tiles == 0) return 0;
-    product P = {rows, in_dim, out_dim, ib, ob, padded_side(ob), n_ob, lanes_for(ob), ptr, in_blk,
-                 panels, bias, out, ld_out};
-
+    i64 rows = P->rows, n_tiles = (rows + MR - 1) / MR, tsize = tile_size(P->in_dim);
     i64 group_tiles = MIN(n_tiles, l2_bytes() / 2 / (tsize * (i64)sizeof(float)) + 1);
     i64 n_groups = (n_tiles + group_tiles - 1) / group_tiles;
     int by_rows = n_groups >= n_threads && n_tiles >= 4 * n_threads;
-    if (by_rows) n_groups = (n_groups + n_threads - 1) / n_threads * n_threads; /* even shares */
-    i64 panel_floats = panels ? 0 : bsp_panel_floats(nnz, ib, ob);
-    i64 shared_floats = (panel_floats + 15) / 16 * 16 + (by_rows ? 0 : n_tiles * tsize);
-    float *shared = shared_floats ? buffer_get(&shared_buffer, shared_floats * sizeof(float)) : NULL;
-    if (shared_floats && !shared) return -1;
-    if (!panels) {
-        bsp_pack_panels(nnz, blk, values, ib, ob, transposed, shared, n_threads);
-        P.panels = shared;
-    }
+    n_groups = (n_groups + n_threads - 1) / n_threads * n_threads; /* even shares */
+    float *shared = by_rows ? NULL : buffer_get(&own_buffer, n_tiles * tsize * sizeof(float));
+    if (!by_rows && !shared) return -1;
+    /* Runs split the rows too when there are too few output blocks to keep every thread busy. */
+    i64 n_runs = MIN(n_tiles, (4 * n_threads + P->n_ob - 1) / P->n_ob);
     int failed = 0;
-    if (by_rows) {
 #pragma omp parallel num_threads(n_threads)
-        {
-            i64 most = (n_tiles + n_groups - 1) / n_groups;
-            float *xp = buffer_get(&own_buffer, most * tsize * sizeof(float));
+    {
+        if (by_rows) {
+            float *xp = buffer_get(&own_buffer, ((n_tiles + n_groups - 1) / n_groups) * tsize * sizeof(float));
             if (!xp) {
 #pragma omp atomic write
                 failed = 1;
@@ -337,32 +476,56 @@ int bsp_spmm(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 l
             for (i64 g = 0; g < n_groups; g++) {
                 if (!xp) continue;
                 i64 first = g * n_tiles / n_groups, last = (g + 1) * n_tiles / n_groups;
-                i64 row0 = first * MR, row_end = MIN(rows, last * MR);
                 for (i64 t = first; t < last; t++)
-                    pack_tile(t * MR, MIN(MR, rows - t * MR), in, ld_in, in_dim, xp + (t - first) * tsize);
-                for (i64 o = 0; o < n_ob; o++) output_block(&P, o, xp, row0, row_end);
+                    pack_tile(t * MR, MIN(MR, rows - t * MR), in, ld_in, P->in_dim, xp + (t - first) * tsize);
+                for (i64 o = 0; o < P->n_ob; o++) output_block(P, o, xp, first * MR, MIN(rows, last * MR));
             }
             if (xp) buffer_release(&own_buffer, xp);
-        }
-    } else {
-        float *xp = shared + (panel_floats + 15) / 16 * 16;
-        /* Runs split the rows too when there are too few output blocks to keep every thread busy. */
-        i64 n_runs = MIN(n_tiles, (4 * n_threads + n_ob - 1) / n_ob);
-#pragma omp parallel num_threads(n_threads)
-        {
+        } else {
 #pragma omp for schedule(static)
             for (i64 t = 0; t < n_tiles; t++)
-                pack_tile(t * MR, MIN(MR, rows - t * MR), in, ld_in, in_dim, xp + t * tsize);
+                pack_tile(t * MR, MIN(MR, rows - t * MR), in, ld_in, P->in_dim, shared + t * tsize);
 #pragma omp for schedule(dynamic, 1) collapse(2)
-            for (i64 o = 0; o < n_ob; o++)
+            for (i64 o = 0; o < P->n_ob; o++)
                 for (i64 run = 0; run < n_runs; run++) {
                     i64 first = run * n_tiles / n_runs, last = (run + 1) * n_tiles / n_runs;
-                    output_block(&P, o, xp + first * tsize, first * MR, MIN(rows, last * MR));
+                    output_block(P, o, shared + first * tsize, first * MR, MIN(rows, last * MR));
                 }
         }
     }
-    if (shared) buffer_release(&shared_buffer, shared);
+    if (shared) buffer_release(&own_buffer, shared);
     return failed ? -1 : 0;
+}
+
+/* Out[rows × out_dim] = In[rows × in_dim] · P (+ bias).
+ * Output block o (ob columns) sums the entries ptr[o] .. ptr[o+1]-1; entry e multiplies
+ * input block in_blk[e] (ib columns of In) by stored block blk[e] (or e if blk is NULL).
+ * `panels`: the entries already packed by bsp_pack_panels (kept between calls when the
+ * weights don't change), or NULL to pack them here. Returns -1 when memory ran out. */
+int bsp_spmm(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 ld_out,
+             i64 out_dim, i64 ib, i64 ob, const i64 *ptr, const i64 *in_blk, const i64 *blk,
+             const float *values, int transposed, const float *panels, const float *bias, int n_threads)
+{
+    i64 n_ob = (out_dim + ob - 1) / ob; /* an empty output block gets its bias or zeros */
+    if (n_ob == 0 || rows == 0) return 0;
+    product P = {rows, in_dim, out_dim, ib, ob, padded_side(ob), n_ob, lanes_for(ob), ptr, in_blk,
+                 panels, bias, out, ld_out};
+    float *own = NULL;
+    if (!panels) {
+        i64 nnz = ptr[n_ob];
+        own = buffer_get(&shared_buffer, bsp_panel_floats(nnz, ib, ob) * sizeof(float));
+        if (!own) return -1;
+        bsp_pack_panels(nnz, blk, values, ib, ob, transposed, own, n_threads);
+        P.panels = own;
+    }
+#if NB4 || NB8
+    int nr = narrow_rows(ob);
+    int status = nr ? narrow_spmm(&P, nr, in, ld_in, n_threads) : wide_spmm(&P, in, ld_in, n_threads);
+#else
+    int status = wide_spmm(&P, in, ld_in, n_threads);
+#endif
+    if (own) buffer_release(&shared_buffer, own);
+    return status;
 }
 
 /* ---- Out = In·Wᵀ for a few rows ------------------------------------------------------------ */
@@ -413,7 +576,8 @@ void bsp_gemv(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 
               const float *bias, int n_threads)
 {
     i64 n_ob = (out_dim + r - 1) / r;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    /* static: each thread reads the same blocks every call, so they stay in its caches */
+#pragma omp parallel for schedule(static) num_threads(n_threads)
     for (i64 o = 0; o < n_ob; o++) {
         i64 n_e = ptr[o + 1] - ptr[o];
         const float *blocks = values + ptr[o] * r * c;
