@@ -60,13 +60,20 @@ Time a block-sparse Linear layer against the dense one and other sparse implemen
 dense F.linear, torch's BSR and CSR tensors (torch.sparse.mm), sparsenets' BlockSparseLinear,
 and SparseLab's SparseLinear when the optional sparselab package is installed (it has no block
 format, so it uses its own random unstructured mask at the same sparsity). All run in one
-process on the same weight, in interleaved rounds; each figure is the median over the rounds."""
+process on the same weight, in interleaved rounds; each figure is the median over the rounds.
+
+--suite instead runs every kernel against its dense counterpart, with the speedup each one
+aims for: block-sparse Linear with 32x32, 8x8 and 4x4 blocks, block-sparse Conv2d, N:M and
+unstructured Linear, and compressed transformer blocks end to end at 1 thread and at all of
+them (a few minutes). The line under the table names the CPU and the instruction set the
+kernels were built for (AVX-512, AVX2, ...)."""
 
 _EXAMPLES = """\
 examples:
   sparsenets bench                                      # the default table, about a minute
   sparsenets bench --sparsities 0.9 --batches 512 --modes forward --impls dense sparsenets
-  sparsenets bench --shapes 4096x1024 1024x4096 --block 16x16 --threads 1 --json bench.json"""
+  sparsenets bench --shapes 4096x1024 1024x4096 --block 16x16 --threads 1 --json bench.json
+  sparsenets bench --suite --threads 2 --json suite.json   # every kernel, with its goal"""
 
 
 def add_commands(subparsers) -> None:
@@ -95,6 +102,10 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--threads", type=_positive, default=None,
                         help="CPU threads (default: torch's current setting)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--suite", action="store_true",
+                        help="every kernel against dense with its goal, one table (ignores the case options)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --suite: one case per kernel family, few rounds (a smoke test)")
     parser.set_defaults(func=_main)
 
 
@@ -104,6 +115,8 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite:
+        return _suite(args)
     impls = ["dense"] + [name for name in args.impls if name != "dense"]
     cases = [Case(shape, sparsity, batch, mode) for shape in args.shapes for batch in args.batches
              for mode in args.modes for sparsity in args.sparsities]
@@ -121,5 +134,23 @@ def _main(args: argparse.Namespace) -> int:
         console.print("[dim]sparselab: its own random unstructured mask at the same sparsity[/dim]")
     if args.json:
         atomic.write_json(args.json, {"machine": info, "block": list(args.block), "rows": rows})
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .. import bench_suite
+
+    rows = bench_suite.run(repeats=3 if args.quick else args.repeats, quick=args.quick)
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(bench_suite.table(rows))
+    info = machine()
+    load = f", load average {info['load_average'][0]:.2f}" if info["load_average"] else ""
+    console.print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}{load}; "
+                  f"{info['kernels']}")
+    if args.json:
+        atomic.write_json(args.json, {"machine": info, "rows": rows})
         console.print(f"wrote {args.json}")
     return 0

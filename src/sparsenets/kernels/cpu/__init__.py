@@ -46,6 +46,7 @@ def library() -> ctypes.CDLL | None:
     lib.bsp_gemv.restype = None
     lib.bsp_vector_width.restype = _int
     lib.bsp_tile_rows.restype = _int
+    lib.bsp_isa.restype = ctypes.c_char_p
     return lib
 
 
@@ -72,7 +73,14 @@ def describe() -> str:
     lib = library()
     if lib is None:
         return "C kernels unavailable (torch fallback)"
-    return f"C kernels: {lib.bsp_vector_width()}-float vectors, {lib.bsp_tile_rows()}-row register tiles"
+    return (f"C kernels: {lib.bsp_isa().decode()}, {lib.bsp_vector_width()}-float vectors, "
+            f"{lib.bsp_tile_rows()}-row register tiles")
+
+
+def isa() -> str | None:
+    """The instruction set the C kernels were built for (``"AVX-512"``, ``"AVX2"``, ...), or None."""
+    lib = library()
+    return None if lib is None else lib.bsp_isa().decode()
 
 
 # Below this many input rows the forward reads W as stored instead of packing it transposed.

@@ -63,7 +63,51 @@ typedef VEC(VW) vec;
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
+
+/* Lane permutation for one butterfly stage of a VW × VW transpose (lanes VW.. are the second
+ * operand's): rows i and i+h swap their off-diagonal h-blocks. */
+static ALWAYS_INLINE ivec butterfly(int h, int upper)
+{
+    ivec m;
+#pragma GCC unroll 16
+    for (int l = 0; l < VW; l++) m[l] = (l / h) % 2 == 0 ? l + (upper ? h : 0) : VW + l - (upper ? 0 : h);
+    return m;
+}
+
+/* Transpose VW vectors in registers: log2(VW) stages of VW two-source shuffles. */
+static ALWAYS_INLINE void transpose(vec r[VW])
+{
+#pragma GCC unroll 4
+    for (int h = VW / 2; h >= 1; h /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < VW; i++)
+            if ((i / h) % 2 == 0 && i + h < VW) {
+                vec a = r[i], b = r[i + h];
+                r[i] = __builtin_shuffle(a, b, butterfly(h, 0));
+                r[i + h] = __builtin_shuffle(a, b, butterfly(h, 1));
+            }
+}
+
 int bsp_vector_width(void) { return VW; }
+
+/* The instruction set this build vectorises for, as benchmarks report it. */
+const char *bsp_isa(void)
+{
+#if defined(__AVX512F__)
+    return "AVX-512";
+#elif defined(__AVX2__)
+    return "AVX2";
+#elif defined(__AVX__)
+    return "AVX";
+#elif defined(__aarch64__)
+    return "NEON";
+#elif defined(__SSE2__)
+    return "SSE2";
+#else
+    return "generic";
+#endif
+}
 int bsp_tile_rows(void) { return MR; }
 
 /* Scratch memory reused across calls: a fresh multi-megabyte buffer costs a page fault per
@@ -155,6 +199,16 @@ void bsp_pack_panels(i64 n_entries, const i64 *blk, const float *values, i64 ib,
     for (i64 e = 0; e < n_entries; e++) {
         const float *v = values + (blk ? blk[e] : e) * ib * ob;
         float *dst = panels + e * ib * obp;
+        if (transposed && ib % VW == 0 && ob % VW == 0) { /* whole squares: in registers */
+            for (i64 k0 = 0; k0 < ib; k0 += VW)
+                for (i64 t0 = 0; t0 < ob; t0 += VW) {
+                    vec r[VW];
+                    for (int t = 0; t < VW; t++) r[t] = *(const vec *)(v + (t0 + t) * ib + k0);
+                    transpose(r);
+                    for (int k = 0; k < VW; k++) *(vec *)(dst + (k0 + k) * obp + t0) = r[k];
+                }
+            continue;
+        }
         for (i64 k = 0; k < ib; k++) {
             float *row = dst + k * obp;
             if (transposed)
@@ -311,32 +365,6 @@ static void output_block(const product *P, i64 o, const float *xp, i64 row0, i64
 #if NB4 || NB8 /* (nothing is narrow for 4-wide vectors) */
 static int narrow_rows(i64 ob) { return ob <= 4 && NB4 ? 4 : ob <= 8 && NB8 ? 8 : 0; }
 static int narrow_vectors(int nr) { return nr == 4 ? NB4 : NB8; }
-
-typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
-
-/* Lane permutation for one butterfly stage of a VW × VW transpose (lanes VW.. are the second
- * operand's): rows i and i+h swap their off-diagonal h-blocks. */
-static ALWAYS_INLINE ivec butterfly(int h, int upper)
-{
-    ivec m;
-#pragma GCC unroll 16
-    for (int l = 0; l < VW; l++) m[l] = (l / h) % 2 == 0 ? l + (upper ? h : 0) : VW + l - (upper ? 0 : h);
-    return m;
-}
-
-/* Transpose VW vectors in registers: log2(VW) stages of VW two-source shuffles. */
-static ALWAYS_INLINE void transpose(vec r[VW])
-{
-#pragma GCC unroll 4
-    for (int h = VW / 2; h >= 1; h /= 2)
-#pragma GCC unroll 16
-        for (int i = 0; i < VW; i++)
-            if ((i / h) % 2 == 0 && i + h < VW) {
-                vec a = r[i], b = r[i + h];
-                r[i] = __builtin_shuffle(a, b, butterfly(h, 0));
-                r[i + h] = __builtin_shuffle(a, b, butterfly(h, 1));
-            }
-}
 
 /* xt[k][b] = In[row0 + b][k] for b < n (zeros up to bt), a VW × VW square at a time. */
 static void pack_transposed(i64 row0, i64 n, i64 bt, const float *in, i64 ld_in, i64 in_dim, float *xt)
@@ -545,7 +573,7 @@ static ALWAYS_INLINE void gemv_rows(const int nr, i64 n_e, const i64 *in_blk, co
                                     i64 r, i64 c, i64 in_dim, const float *x, float *y,
                                     const float *bias, i64 ahead)
 {
-    vec acc[GR];
+    vec acc[GR > VW ? GR : VW];
     float tail[GR];
     for (int j = 0; j < nr; j++) {
         acc[j] = (vec){0};
@@ -566,6 +594,13 @@ static ALWAYS_INLINE void gemv_rows(const int nr, i64 n_e, const i64 *in_blk, co
         }
         for (; k < kmax; k++)
             for (int j = 0; j < nr; j++) tail[j] += w[j * c + k] * xx[k];
+    }
+    if (nr == VW) { /* one transpose sums VW accumulators at once */
+        transpose(acc);
+        vec sum = acc[0];
+        for (int j = 1; j < VW; j++) sum += acc[j];
+        for (int j = 0; j < VW; j++) y[j] = sum[j] + tail[j] + (bias ? bias[j] : 0.0f);
+        return;
     }
     for (int j = 0; j < nr; j++) y[j] = hsum(acc[j]) + tail[j] + (bias ? bias[j] : 0.0f);
 }
@@ -622,39 +657,50 @@ static void pack_columns(const float *src, i64 ld, i64 b0, i64 nb, i64 width, i6
                          i64 block, float *dst)
 {
     i64 col0 = block * side, n = MIN(side, width - col0);
-    for (i64 b = 0; b < nb; b++, dst += padded) {
-        memcpy(dst, src + (b0 + b) * ld + col0, n * sizeof(float));
+    src += b0 * ld + col0;
+    if (n == padded && n % 4 == 0) { /* whole blocks: vector moves, not a memcpy call per row */
+        for (i64 b = 0; b < nb; b++, dst += padded, src += ld)
+            for (i64 t = 0; t < n; t += 4) *(v4 *)(dst + t) = *(const v4 *)(src + t);
+        return;
+    }
+    for (i64 b = 0; b < nb; b++, dst += padded, src += ld) {
+        memcpy(dst, src, n * sizeof(float));
         for (i64 t = n; t < padded; t++) dst[t] = 0.0f;
     }
 }
 
-/* mr rows × nv vectors of L columns of one block's gradient over nb packed batch rows, added to
- * g (or written, for the first chunk). */
+/* mr rows × nv vectors of L columns of a block's gradient over nb packed batch rows, added to
+ * g (or written, for the first chunk). The two vectors are two halves of one block row, or,
+ * for blocks one vector wide, the same row of two blocks of a row-block, which share their dY
+ * broadcasts (x0/g0 and x1/g1). */
 #define DEFINE_SDDMM_TILE(L)                                                                       \
     static ALWAYS_INLINE void sddmm_tile_##L(const int mr, const int nv, i64 nb, const float *yp, \
-                                             i64 r, const float *xp, i64 cp, float *g, i64 ldg,    \
-                                             int first)                                            \
+                                             i64 r, const float *x0, const float *x1, i64 cp,      \
+                                             float *g0, float *g1, i64 ldg, int first)             \
     {                                                                                              \
         v##L acc[MR][2];                                                                           \
-        for (int m = 0; m < mr; m++)                                                               \
-            for (int v = 0; v < nv; v++)                                                           \
-                acc[m][v] = first ? (v##L){0} : *(const v##L *)(g + m * ldg + v * L);              \
-        for (i64 b = 0; b < nb; b++, yp += r, xp += cp) {                                          \
-            v##L x0 = *(const v##L *)xp;                                                           \
-            v##L x1 = nv > 1 ? *(const v##L *)(xp + L) : x0;                                       \
+        for (int m = 0; m < mr; m++) {                                                             \
+            acc[m][0] = first ? (v##L){0} : *(const v##L *)(g0 + m * ldg);                         \
+            if (nv > 1) acc[m][1] = first ? (v##L){0} : *(const v##L *)(g1 + m * ldg);             \
+        }                                                                                          \
+        for (i64 b = 0; b < nb; b++, yp += r, x0 += cp, x1 += cp) {                                \
+            v##L a = *(const v##L *)x0;                                                            \
+            v##L c = nv > 1 ? *(const v##L *)x1 : a;                                               \
             for (int m = 0; m < mr; m++) {                                                         \
-                acc[m][0] += x0 * yp[m];                                                           \
-                if (nv > 1) acc[m][1] += x1 * yp[m];                                               \
+                acc[m][0] += a * yp[m];                                                            \
+                if (nv > 1) acc[m][1] += c * yp[m];                                                \
             }                                                                                      \
         }                                                                                          \
-        for (int m = 0; m < mr; m++)                                                               \
-            for (int v = 0; v < nv; v++) *(v##L *)(g + m * ldg + v * L) = acc[m][v];               \
+        for (int m = 0; m < mr; m++) {                                                             \
+            *(v##L *)(g0 + m * ldg) = acc[m][0];                                                   \
+            if (nv > 1) *(v##L *)(g1 + m * ldg) = acc[m][1];                                       \
+        }                                                                                          \
     }
 
-#define SDDMM_CASE(L, M)                                                                   \
-    case L * 100 + M:                                                                      \
-        if (L == VW && nv == 2) sddmm_tile_##L(M, 2, nb, yp, r, xp, cp, g, ldg, first);    \
-        else sddmm_tile_##L(M, 1, nb, yp, r, xp, cp, g, ldg, first);                       \
+#define SDDMM_CASE(L, M)                                                                     \
+    case L * 100 + M:                                                                        \
+        if (nv == 2) sddmm_tile_##L(M, 2, nb, yp, r, x0, x1, cp, g0, g1, ldg, first);        \
+        else sddmm_tile_##L(M, 1, nb, yp, r, x0, x1, cp, g0, g1, ldg, first);                \
         break;
 #if MR > 8
 #define SDDMM_CASES(L) SDDMM_CASE(L, 1) SDDMM_CASE(L, 2) SDDMM_CASE(L, 4) SDDMM_CASE(L, 8) SDDMM_CASE(L, MR)
@@ -670,8 +716,8 @@ DEFINE_SDDMM_TILE(8)
 DEFINE_SDDMM_TILE(16)
 #endif
 
-static void sddmm_tile_any(int lanes, int mr, int nv, i64 nb, const float *yp, i64 r, const float *xp,
-                           i64 cp, float *g, i64 ldg, int first)
+static void sddmm_tile_any(int lanes, int mr, int nv, i64 nb, const float *yp, i64 r, const float *x0,
+                           const float *x1, i64 cp, float *g0, float *g1, i64 ldg, int first)
 {
     switch (lanes * 100 + mr) {
         SDDMM_CASES(4)
@@ -684,15 +730,23 @@ static void sddmm_tile_any(int lanes, int mr, int nv, i64 nb, const float *yp, i
     }
 }
 
-/* One block's gradient over one chunk: a padded r × cp tile, rows of MR, vectors along c. */
-static void sddmm_block(const sddmm_shape *S, i64 nb, const float *yp, const float *xp, float *g, int first)
+/* The gradients of one block, or of two blocks one vector wide in the same row-block (x1/g1),
+ * over one chunk: padded r × cp tiles, rows of MR, vectors along c. */
+static void sddmm_unit(const sddmm_shape *S, i64 nb, const float *yp, const float *x0, const float *x1,
+                       float *g0, float *g1, int first)
 {
     int lanes = lanes_for(S->c);
     for (i64 m0 = 0, mr; m0 < S->r; m0 += mr) {
         mr = tile_rows(S->r - m0);
+        float *row0 = g0 + m0 * S->cp;
+        if (x1) {
+            sddmm_tile_any(lanes, (int)mr, 2, nb, yp + m0, S->r, x0, x1, S->cp, row0, g1 + m0 * S->cp, S->cp, first);
+            continue;
+        }
         for (i64 t0 = 0; t0 < S->cp; t0 += 2 * lanes) {
             int nv = S->cp - t0 >= 2 * lanes ? 2 : 1;
-            sddmm_tile_any(lanes, (int)mr, nv, nb, yp + m0, S->r, xp + t0, S->cp, g + m0 * S->cp + t0, S->cp, first);
+            sddmm_tile_any(lanes, (int)mr, nv, nb, yp + m0, S->r, x0 + t0, x0 + t0 + lanes, S->cp, row0 + t0,
+                           row0 + t0 + lanes, S->cp, first);
         }
     }
 }
@@ -718,9 +772,18 @@ int bsp_sddmm(i64 rows, const float *gy, i64 ld_gy, const float *x, i64 ld_x, i6
     float *yp = xp + xp_floats;
     /* The padded gradient, or grad itself when no padding is needed. */
     float *g = S.cp == c ? grad : malloc(nnz * r * S.cp * sizeof(float));
-    if (!g) {
+    /* Work units: blocks one vector wide go in pairs from the same row-block (they share dY). */
+    i64 *unit = malloc((nnz + 1) * sizeof(i64)), n_units = 0;
+    if (!g || !unit) {
+        if (g != grad) free(g);
+        free(unit);
         buffer_release(&shared_buffer, xp);
         return -1;
+    }
+    int pairs = S.cp == lanes_for(c);
+    for (i64 e = 0; e < nnz; e += unit[n_units] - e) {
+        unit[n_units++] = e;
+        unit[n_units] = e + (pairs && e + 1 < nnz && blk_row[e + 1] == blk_row[e] ? 2 : 1);
     }
 #pragma omp parallel num_threads(n_threads)
     for (i64 b0 = 0; b0 < rows; b0 += chunk) {
@@ -730,10 +793,14 @@ int bsp_sddmm(i64 rows, const float *gy, i64 ld_gy, const float *x, i64 ld_x, i6
 #pragma omp for schedule(static)
         for (i64 rb = 0; rb < S.n_rb; rb++) pack_columns(gy, ld_gy, b0, nb, n_out, r, r, rb, yp + rb * chunk * r);
 #pragma omp for schedule(static) /* static: each thread keeps its blocks' gradients in cache */
-        for (i64 e = 0; e < nnz; e++)
-            sddmm_block(&S, nb, yp + blk_row[e] * chunk * r, xp + blk_col[e] * chunk * S.cp,
-                        g + e * r * S.cp, b0 == 0);
+        for (i64 u = 0; u < n_units; u++) {
+            i64 e = unit[u], pair = unit[u + 1] - e == 2;
+            sddmm_unit(&S, nb, yp + blk_row[e] * chunk * r, xp + blk_col[e] * chunk * S.cp,
+                       pair ? xp + blk_col[e + 1] * chunk * S.cp : NULL, g + e * r * S.cp,
+                       pair ? g + (e + 1) * r * S.cp : NULL, b0 == 0);
+        }
     }
+    free(unit);
     if (g != grad) {
         for (i64 e = 0; e < nnz; e++)
             for (i64 m = 0; m < r; m++) memcpy(grad + (e * r + m) * c, g + (e * r + m) * S.cp, c * sizeof(float));
