@@ -249,6 +249,18 @@ static ALWAYS_INLINE void prefetch_inputs(const float *xp, i64 block, i64 ib)
             i64 k = in_blk[e] * ib, k_end = k + MIN(ib, in_dim - k);                               \
             const float *p = pp + e * ib * obp;                                                    \
             if (e + 1 < n_e) prefetch_inputs(xp, in_blk[e + 1], ib);                               \
+            if (ib % KC == 0 && k_end - k == ib) { /* whole chunks: fixed offsets, unrolled */      \
+                for (const float *x = xp + k / KC * CHUNK; k < k_end; k += KC, x += CHUNK)         \
+                    _Pragma("GCC unroll 16") for (int kk = 0; kk < KC; kk++, p += obp) {          \
+                        v##L w0 = *(const v##L *)p;                                                \
+                        v##L w1 = nv > 1 ? *(const v##L *)(p + L) : w0;                            \
+                        for (int m = 0; m < mr; m++) {                                             \
+                            acc[m][0] += w0 * x[m * KC + kk];                                      \
+                            if (nv > 1) acc[m][1] += w1 * x[m * KC + kk];                          \
+                        }                                                                          \
+                    }                                                                              \
+                continue;                                                                          \
+            }                                                                                      \
             while (k < k_end) {                                                                    \
                 i64 stop = MIN(k_end, (k / KC + 1) * KC);                                          \
                 const float *x = xp + k / KC * CHUNK + k % KC, *x_end = x + (stop - k);            \
