@@ -49,14 +49,15 @@ def _call(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return lambda: model(x)
 
 
-def compressed(model: nn.Module, x: torch.Tensor, sparsity: float, block: int = 32) -> nn.Module:
-    """``model`` pruned to ``block:{block}x{block}`` at ``sparsity`` and compressed (a new model)."""
-    from . import compress, finalize_, sparsify_
+def compressed(model: nn.Module, x: torch.Tensor, sparsity: float, block: int = 32,
+               autotune: bool = True) -> nn.Module:
+    """``model`` pruned to ``block:{block}x{block}`` at ``sparsity`` and compressed (a new model);
+    ``autotune=False`` takes compress's density rule instead of timing each layer."""
+    from . import compress, sparsify_
 
     pruned = sparsify_(copy.deepcopy(model), {"sparsity": sparsity, "pattern": f"block:{block}x{block}",
                                                "module_types": ["Linear"]})
-    finalize_(pruned)
-    return compress(pruned, x).eval()
+    return compress(pruned, x, autotune=autotune).eval()  # the masks tell compress the pattern
 
 
 def measure(model_name: str, sparsity: float, rows: int, threads: int, repeats: int = 15) -> dict:
