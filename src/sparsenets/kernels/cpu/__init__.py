@@ -95,6 +95,8 @@ def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
 
 
+# SPARSENETS_PANEL_CACHE=0 packs the forward panels on every call instead (saves their memory).
+PANEL_CACHE = os.environ.get("SPARSENETS_PANEL_CACHE", "1") != "0"
 # Forward panels (the kept blocks transposed, see bsp_pack_panels) of weights that are not being
 # trained, by id of their values tensor until it changes or is freed (tensors compare by value,
 # so a WeakKeyDictionary can't hold them).
@@ -103,8 +105,8 @@ _PANELS: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
 
 def _cached_panels(values: Tensor, layout: BlockLayout) -> Tensor | None:
     """The forward panels of ``values``, packed once while they stay unchanged; None in training."""
-    if torch.is_grad_enabled() and values.requires_grad:
-        return None  # the optimizer changes them every step
+    if (torch.is_grad_enabled() and values.requires_grad) or not PANEL_CACHE:
+        return None  # in training the optimizer changes them every step
     try:
         key = (values._version, values.data_ptr(), layout.row_ptr.data_ptr(), layout.col_idx.data_ptr())
     except RuntimeError:  # an inference tensor has no version counter to tell a change
