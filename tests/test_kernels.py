@@ -147,6 +147,18 @@ def test_inputs_wider_than_the_cache_split_into_row_groups_and_batch_chunks(bloc
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_inference_with_few_rows_matches_dense(block, rows):
+    """Without grad, few rows stream the cached panels (blocks a whole vector wide) or read W as stored."""
+    layout = random_layout(150, 330, block, 0.4)
+    values, x, bias = torch.randn(layout.nnz, *block), torch.randn(rows, 330), torch.randn(150)
+    with torch.no_grad():
+        got = block_sparse_linear(x, values, layout, bias)
+    torch.testing.assert_close(got, F.linear(x, scatter_blocks(values, layout), bias), atol=1e-4, rtol=1e-4)
+
+
+@needs_cpu_kernels
 def test_forward_panels_are_cached_for_frozen_weights_and_repacked_after_a_change():
     layout = random_layout(64, 96, (32, 32), 0.6)
     values, x = torch.randn(layout.nnz, 32, 32), torch.randn(20, 96)
