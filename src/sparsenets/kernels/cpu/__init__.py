@@ -154,20 +154,15 @@ def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None =
     r, c = layout.block
     rows = x.shape[0]
     panels = _cached_panels(values, layout)
-    if 0 < rows < GEMV_ROWS and panels is not None and _panels_fit_gemv(r):
-        # Inference: stream the packed panels in order (no per-output horizontal sums).
-        out = x.new_empty(rows, layout.out_features)
-        _loaded().bsp_gemv_panels(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
-                                  layout.out_features, layout.out_features, c, r, layout.row_ptr.data_ptr(),
-                                  layout.col_idx.data_ptr(), panels.data_ptr(),
-                                  None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
-        return out
     if 0 < rows < GEMV_ROWS:
         out = x.new_empty(rows, layout.out_features)
-        _loaded().bsp_gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
-                           layout.out_features, layout.out_features, r, c, layout.row_ptr.data_ptr(),
-                           layout.col_idx.data_ptr(), values.data_ptr(),
-                           None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
+        lib = _loaded()
+        # Inference streams the packed panels in order; else W is read as stored.
+        gemv, weights = ((lib.bsp_gemv_panels, panels) if panels is not None and _panels_fit_gemv(r)
+                         else (lib.bsp_gemv, values))
+        gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(), layout.out_features,
+             layout.out_features, r, c, layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), weights.data_ptr(),
+             None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
         return out
     return _spmm(x, layout.in_features, layout.out_features, c, r, layout.row_ptr, layout.col_idx,
                  None, values, True, bias, panels)

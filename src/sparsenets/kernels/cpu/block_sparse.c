@@ -686,9 +686,10 @@ static ALWAYS_INLINE void panel_row(const int nv, i64 n_e, const i64 *in_blk, i6
 /* Out[rows × out_dim] = In · Wᵀ (+ bias) for a few rows, from the forward panels of
  * bsp_pack_panels (transposed); output blocks must be a whole number of vectors wide. */
 void bsp_gemv_panels(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 ld_out,
-                     i64 out_dim, i64 ib, i64 ob, const i64 *ptr, const i64 *in_blk,
+                     i64 out_dim, i64 r, i64 c, const i64 *ptr, const i64 *in_blk,
                      const float *panels, const float *bias, int n_threads)
 {
+    i64 ib = c, ob = r; /* W's r × c blocks, as bsp_gemv takes them */
     i64 n_ob = (out_dim + ob - 1) / ob, obp = padded_side(ob);
     /* static: each thread reads the same panels every call, so they stay in its caches */
 #pragma omp parallel for schedule(static) num_threads(n_threads)
