@@ -11,8 +11,6 @@ ratio measured under the same conditions. ``goal`` is the speedup the kernels ai
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,16 +74,50 @@ def end_to_end_rows(repeats: int, threads: list[int]) -> list[dict]:
     return out
 
 
-# Rows from the other kernel families' benchmark modules, each ``rows(repeats) -> list[dict]``
-# in this module's row format; a family whose module is missing is left out.
-FAMILIES: dict[str, str] = {}
+PEER_NAMES = {"torch_csr": "torch CSR", "sparselab": "SparseLab", "unfold": "im2col"}
 
 
-def family_rows(repeats: int) -> list[dict]:
+def _peers(found: dict) -> dict[str, float]:
+    return {PEER_NAMES.get(k, k): v for k, v in found["speedup"].items() if k not in ("dense", "sparsenets")}
+
+
+def conv_rows(repeats: int, quick: bool = False) -> list[dict]:
+    """Block-sparse Conv2d (32×32 blocks) against nn.Conv2d; the im2col path beside it."""
+    from .bench_conv import ConvCase
+    from .bench_conv import measure as measure_conv
+
+    cases: list[tuple[ConvCase, float | None]] = [(ConvCase((256, 256), 3, (28, 28), 32, 0.9), 3.0)]
+    if not quick:
+        cases += [(ConvCase((256, 256), 3, (28, 28), 32, 0.9, "forward+backward"), None),
+                  (ConvCase((256, 256), 3, (28, 28), 32, 0.75), None),
+                  (ConvCase((64, 64), 3, (56, 56), 32, 0.9), None)]
     out = []
-    for module in FAMILIES.values():
-        rows: Callable[[int], list[dict]] = importlib.import_module(module).suite_rows
-        out.extend(rows(repeats))
+    for case, goal in cases:
+        found = measure_conv(case, repeats)
+        out.append(_row("conv", f"{case.label}, {case.sparsity:.0%} 32x32", case.batch, case.mode,
+                        found["ms"]["dense"], found["ms"]["sparsenets"], goal, _peers(found)))
+    return out
+
+
+def sparse_rows(repeats: int, quick: bool = False) -> list[dict]:
+    """Unstructured (CSR) and N:M Linear 2048² against dense; torch CSR (and SparseLab) beside them."""
+    from .bench_sparse import SparseCase
+    from .bench_sparse import measure as measure_sparse
+
+    cases: list[tuple[SparseCase, float | None]] = [(SparseCase("unstructured", 0.95, 512), 2.0)]
+    if not quick:
+        cases += [(SparseCase("unstructured", 0.9, 512), 1.0), (SparseCase("unstructured", 0.98, 512), None),
+                  (SparseCase("unstructured", 0.95, 512, "forward+backward"), None),
+                  (SparseCase("unstructured", 0.95, 1), None),
+                  (SparseCase("2:4", 0.5, 512), None), (SparseCase("1:4", 0.75, 512), None),
+                  (SparseCase("2:4", 0.5, 512, "forward+backward"), None),
+                  (SparseCase("1:4", 0.75, 512, "forward+backward"), None)]
+    out = []
+    for case, goal in cases:
+        found = measure_sparse(case, repeats)
+        label = f"unstructured {1 - case.density:.0%}" if case.n_m is None else case.pattern
+        out.append(_row("unstructured" if case.n_m is None else "N:M", f"2048x2048, {label}", case.batch,
+                        case.mode, found["ms"]["dense"], found["ms"]["sparsenets"], goal, _peers(found)))
     return out
 
 
@@ -93,7 +125,8 @@ def run(repeats: int = 7, quick: bool = False) -> list[dict]:
     """All rows at torch's current thread count; end to end also at 1 thread."""
     threads = sorted({1, torch.get_num_threads()})
     goals = LINEAR_GOALS[:1] if quick else LINEAR_GOALS
-    return linear_rows(repeats, goals) + family_rows(repeats) + end_to_end_rows(repeats, threads)
+    return (linear_rows(repeats, goals) + conv_rows(repeats, quick) + sparse_rows(repeats, quick)
+            + end_to_end_rows(repeats, threads))
 
 
 def table(rows: list[dict]):
