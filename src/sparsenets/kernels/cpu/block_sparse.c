@@ -359,15 +359,16 @@ static void output_block(const product *P, i64 o, const float *xp, i64 row0, i64
 
 /* ---- Out = In·P for narrow output blocks ----------------------------------------------- */
 
-/* Output blocks narrower than a vector (4×4, 8×8 blocks on AVX-512) would leave most lanes
- * of the kernel above idle, so here the vectors run along the batch instead: a tile is NR
- * outputs × NB vectors of input rows, the input is packed transposed (xt[k][BT]) and the
- * weights are broadcast from the same panels. NR·NB = 24 accumulators on AVX-512. */
+/* Output blocks narrower than two vectors (4×4 and 8×8 blocks) would leave lanes idle or
+ * starve the load ports in the kernel above, so here the vectors run along the batch instead:
+ * a tile is NR outputs × NB vectors of input rows, the input is packed transposed (xt[k][BT])
+ * and the weights are broadcast from the same panels. NR·NB = 24 accumulators on AVX-512, 12
+ * on AVX2, where 8-wide blocks take two 4-output passes. */
 #if VW >= 16
 #define NB8 3
 #define NB4 6
 #elif VW >= 8
-#define NB8 0 /* 8-wide blocks fill AVX2 vectors: the kernel above takes them */
+#define NB8 0
 #define NB4 3
 #else
 #define NB8 0
@@ -375,7 +376,7 @@ static void output_block(const product *P, i64 o, const float *xp, i64 row0, i64
 #endif
 
 #if NB4 || NB8 /* (nothing is narrow for 4-wide vectors) */
-static int narrow_rows(i64 ob) { return ob <= 4 && NB4 ? 4 : ob <= 8 && NB8 ? 8 : 0; }
+static int narrow_rows(i64 ob) { return ob > 8 ? 0 : ob <= 4 || !NB8 ? 4 : 8; }
 static int narrow_vectors(int nr) { return nr == 4 ? NB4 : NB8; }
 
 /* xt[k][b] = In[row0 + b][k] for b < n (zeros up to bt), a VW × VW square at a time. */
@@ -399,7 +400,7 @@ static void pack_transposed(i64 row0, i64 n, i64 bt, const float *in, i64 ld_in,
 
 #define DEFINE_NARROW_TILE(NR, NB)                                                                 \
     static void narrow_tile_##NR(i64 n_e, const i64 *in_blk, i64 ib, i64 in_dim, const float *xt,  \
-                                 const float *pp, float *out, i64 ld_out, i64 n_rows,              \
+                                 const float *pp, i64 ps, float *out, i64 ld_out, i64 n_rows,      \
                                  i64 n_valid, const float *bias)                                   \
     {                                                                                              \
         enum { BT = NB * VW };                                                                     \
@@ -408,8 +409,8 @@ static void pack_transposed(i64 row0, i64 n, i64 bt, const float *in, i64 ld_in,
             for (int v = 0; v < NB; v++) acc[i][v] = (vec){0};                                     \
         for (i64 e = 0; e < n_e; e++) {                                                            \
             i64 k = in_blk[e] * ib, k_end = k + MIN(ib, in_dim - k);                               \
-            const float *p = pp + e * ib * NR, *x = xt + k * BT;                                   \
-            for (; k < k_end; k++, p += NR, x += BT) {                                             \
+            const float *p = pp + e * ib * ps, *x = xt + k * BT;                                   \
+            for (; k < k_end; k++, p += ps, x += BT) {                                             \
                 vec xv[NB];                                                                        \
                 for (int v = 0; v < NB; v++) xv[v] = *(const vec *)(x + v * VW);                   \
                 for (int i = 0; i < NR; i++)                                                       \
@@ -438,12 +439,19 @@ static void narrow_block(const product *P, int nr, i64 o, const float *xt, i64 r
     const i64 *blocks = P->in_blk + P->ptr[o];
     const float *bias = P->bias ? P->bias + out0 : NULL;
     float *out = P->out + row0 * P->ld_out + out0;
+    for (i64 h = 0; h < n_out; h += nr) { /* passes of nr outputs */
+        const float *bias_h = bias ? bias + h : NULL;
 #if NB4
-    if (nr == 4) narrow_tile_4(n_e, blocks, P->ib, P->in_dim, xt, panel, out, P->ld_out, n_rows, n_out, bias);
+        if (nr == 4)
+            narrow_tile_4(n_e, blocks, P->ib, P->in_dim, xt, panel + h, P->obp, out + h, P->ld_out, n_rows,
+                          n_out - h, bias_h);
 #endif
 #if NB8
-    if (nr == 8) narrow_tile_8(n_e, blocks, P->ib, P->in_dim, xt, panel, out, P->ld_out, n_rows, n_out, bias);
+        if (nr == 8)
+            narrow_tile_8(n_e, blocks, P->ib, P->in_dim, xt, panel + h, P->obp, out + h, P->ld_out, n_rows,
+                          n_out - h, bias_h);
 #endif
+    }
 }
 
 /* The product for narrow output blocks: threads take batch tiles when there are enough of
