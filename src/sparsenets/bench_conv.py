@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bench import block_mask
+from .compression.pipeline import CompressReport
 from .layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d
 from .utils import timing
 
@@ -47,21 +49,21 @@ class ConvCase:
 
 def default_cases(modes: tuple[str, ...] = MODES) -> list[ConvCase]:
     """The 256-channel 28×28 layer at 90/75/50%, a 64-channel 56×56 one and a Conv1d, in each mode."""
-    shapes = [((256, 256), 3, (28, 28), 32, s) for s in (0.9, 0.75, 0.5)]
-    shapes += [((64, 64), 3, (56, 56), 32, 0.9), ((512, 512), 3, (1024,), 16, 0.9)]
-    return [ConvCase(*shape, mode=mode) for mode in modes for shape in shapes]
+    cases = [ConvCase((256, 256), 3, (28, 28), 32, s) for s in (0.9, 0.75, 0.5)]
+    cases += [ConvCase((64, 64), 3, (56, 56), 32, 0.9), ConvCase((512, 512), 3, (1024,), 16, 0.9)]
+    return [replace(case, mode=mode) for mode in modes for case in cases]
 
 
-def _layers(case: ConvCase, generator: torch.Generator) -> tuple[nn.Module, nn.Module]:
-    dense_cls = nn.Conv2d if len(case.spatial) == 2 else nn.Conv1d
-    sparse_cls = BlockSparseConv2d if len(case.spatial) == 2 else BlockSparseConv1d
-    dense = dense_cls(*case.channels, case.kernel, padding=case.kernel // 2)
+def _layers(case: ConvCase, generator: torch.Generator) -> tuple[nn.Module, BlockSparseConv1d | BlockSparseConv2d]:
+    two_d = len(case.spatial) == 2
+    dense = (nn.Conv2d if two_d else nn.Conv1d)(*case.channels, case.kernel, padding=case.kernel // 2)
     taps = case.kernel ** len(case.spatial)
     mask = block_mask((case.channels[1], case.channels[0] * taps), case.block, case.sparsity, generator)
     mask = mask.reshape(dense.weight.shape)
     with torch.no_grad():
         dense.weight.mul_(mask)
-    return dense, sparse_cls.from_dense(dense, dense.weight, mask, case.block)
+    sparse = (BlockSparseConv2d if two_d else BlockSparseConv1d).from_dense(dense, dense.weight, mask, case.block)
+    return dense, sparse
 
 
 def _unfolded(layer: BlockSparseConv1d | BlockSparseConv2d) -> Callable[[Tensor], Tensor]:
@@ -86,15 +88,17 @@ def _step(forward: Callable[[Tensor], Tensor], x: Tensor, leaves: list[Tensor], 
     return step
 
 
-def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float = 3.0, seed: int = 0) -> dict:
+def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float = 3.0, seed: int = 0,
+            impls: tuple[str, ...] = IMPLEMENTATIONS) -> dict:
     """Median milliseconds of each implementation on one case, plus speedups over dense; JSON-ready."""
     generator = torch.Generator().manual_seed(seed)
     dense, sparse = _layers(case, generator)
     x = torch.randn(case.batch, case.channels[0], *case.spatial, generator=generator)
     backward = case.mode == "forward+backward"
-    steps = {"dense": _step(dense, x, list(dense.parameters()), backward),
-             "sparsenets": _step(sparse, x, list(sparse.parameters()), backward),
-             "unfold": _step(_unfolded(sparse), x, list(sparse.parameters()), backward)}
+    forwards: dict[str, tuple[Callable[[Tensor], Tensor], nn.Module]] = {
+        "dense": (dense, dense), "sparsenets": (sparse, sparse), "unfold": (_unfolded(sparse), sparse)}
+    steps = {name: _step(forward, x, list(owner.parameters()), backward)
+             for name, (forward, owner) in forwards.items() if name == "dense" or name in impls}
     with torch.enable_grad() if backward else torch.inference_mode():
         timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,
                                      candidate_budget_s=budget_s)
@@ -111,13 +115,14 @@ def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float =
 
 
 def rows(threads: int | None = None, repeats: int = 5, cases: list[ConvCase] | None = None,
-         warmup: int = 1, budget_s: float = 3.0) -> list[dict]:
-    """One row per case (default: :func:`default_cases`), on ``threads`` threads (default: as set)."""
+         warmup: int = 1, budget_s: float = 3.0, impls: tuple[str, ...] = IMPLEMENTATIONS) -> list[dict]:
+    """One row per case (default: :func:`default_cases`), on ``threads`` threads (default: as set),
+    timing dense and ``impls``."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return [measure(case, repeats, warmup, budget_s) for case in cases or default_cases()]
+        return [measure(case, repeats, warmup, budget_s, impls=impls) for case in cases or default_cases()]
     finally:
         torch.set_num_threads(previous)
 
@@ -125,3 +130,23 @@ def rows(threads: int | None = None, repeats: int = 5, cases: list[ConvCase] | N
 def ideal(row: dict) -> float:
     """The speedup that skipping the removed blocks alone would give."""
     return 1 / row["density"] if row["density"] else math.inf
+
+
+def small_cnn() -> nn.Sequential:
+    """A VGG-like network on 32×32 images: three wide convolutions after a narrow first one."""
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*block(3, 64), *block(64, 128), nn.MaxPool2d(2), *block(128, 256), *block(256, 256),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256 * 8 * 8, 10))
+
+
+def compress_picks(sparsity: float = 0.9, batch: int = 16, pattern: str = "block:32x32") -> list[dict]:
+    """What :func:`sparsenets.compress` picks for each layer of :func:`small_cnn` at ``sparsity``."""
+    import sparsenets as sn
+
+    model = small_cnn()
+    sn.sparsify_(model, {"sparsity": sparsity, "pattern": pattern, "exclude": ["0", "11"]})  # under a block
+    compressed = sn.compress(model.eval(), torch.randn(batch, 3, 32, 32), shrink=False)
+    report = cast(CompressReport, compressed.compress_report)
+    return [{"layer": c.name, "shape": list(c.shape), "density": c.density, "kind": c.kind, "how": c.how,
+             "ms": c.times_ms} for c in report.layers]

@@ -217,13 +217,18 @@ class _BlockSparseConv(_BlockSparseGemm):
         unbatched = x.dim() == self.dims + 1
         if unbatched:
             x = x.unsqueeze(0)
-        if any(self._pad):
+        kernel, stride, dilation = (self._planar(v) for v in (self.kernel_size, self.stride, self.dilation))
+        direct = self._direct(x, stride)
+        padding = (0, 0, 0, 0)  # zeros the kernels add themselves: top, bottom, left, right
+        if any(self._pad) and direct and self.padding_mode == "zeros":
+            p = self._pad  # F.pad's order: last dimension first
+            padding = (p[2], p[3], p[0], p[1]) if self.dims == 2 else (0, 0, p[0], p[1])
+        elif any(self._pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
         planar = x.unsqueeze(2) if self.dims == 1 else x  # 1-d is 2-d of height 1
-        kernel, stride, dilation = (self._planar(v) for v in (self.kernel_size, self.stride, self.dilation))
-        if self._direct(planar, stride):
-            y = conv_kernels.conv2d(planar, self.values, self.layout, self.bias, kernel, dilation)
+        if direct:
+            y = conv_kernels.conv2d(planar, self.values, self.layout, self.bias, kernel, dilation, padding)
         else:
             y = self._unfolded(planar, kernel, stride, dilation)
         if self.dims == 1:

@@ -1,9 +1,9 @@
 """The C convolution kernels (``conv.c``) on CPU fp32 tensors, called through ctypes.
 
-Stride 1 on an input that is already padded: ``x (N, C, Hp, Wp)`` contiguous, a kernel of
-``kh × kw`` taps at dilation ``dh, dw``, and the weight in GEMM form (``out × C·kh·kw``) as the
-kept blocks of a :class:`~sparsenets.kernels.layout.BlockLayout`. Outputs are allocated here;
-threads follow ``torch.get_num_threads()``.
+Stride 1 with zero padding ``(top, bottom, left, right)`` applied inside the kernels: ``x (N, C,
+H, W)`` contiguous, a kernel of ``kh × kw`` taps at dilation ``dh, dw``, and the weight in GEMM
+form (``out × C·kh·kw``) as the kept blocks of a :class:`~sparsenets.kernels.layout.BlockLayout`.
+Outputs are allocated here; threads follow ``torch.get_num_threads()``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from ..layout import BlockLayout
 from .build import BuildError, load
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+Pair = tuple[int, int]
+Padding = tuple[int, int, int, int]  # top, bottom, left, right
 
 # Multiply-adds worth another thread: fork-joins cost up to a time slice on a busy machine.
 _WORK_PER_THREAD = 1 << 18
@@ -34,11 +36,9 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"sparsenets: block-sparse convolution kernels unavailable, unfolding patches "
                       f"instead ({err})", RuntimeWarning, stacklevel=3)
         return None
-    shape = [_i64] * 4  # n, channels, Hp, Wp
-    conv = [_i64] * 7  # out, kh, kw, dh, dw, r, c
-    lib.bspc_forward.argtypes = [*shape, _ptr, *conv, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.bspc_input_grad.argtypes = [*shape, _ptr, *conv, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.bspc_values_grad.argtypes = [*shape, _ptr, _ptr, *conv, _i64, _ptr, _ptr, _ptr, _int]
+    lib.bspc_forward.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
+    lib.bspc_input_grad.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
+    lib.bspc_values_grad.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int]
     for fn in (lib.bspc_forward, lib.bspc_input_grad, lib.bspc_values_grad):
         fn.restype = _int
     lib.bspc_vector_width.restype = _int
@@ -68,18 +68,20 @@ def _loaded() -> ctypes.CDLL:
     return lib
 
 
+def output_size(size: Pair, kernel: Pair, dilation: Pair, padding: Padding) -> Pair:
+    """``(Ho, Wo)`` of a stride-1 convolution of an ``(H, W)`` input."""
+    return (size[0] + padding[0] + padding[1] - dilation[0] * (kernel[0] - 1),
+            size[1] + padding[2] + padding[3] - dilation[1] * (kernel[1] - 1))
+
+
+def _dims(x_shape, layout: BlockLayout, kernel: Pair, dilation: Pair, padding: Padding):
+    """The shape as the kernels take it: n, C, H, W, out, kh, kw, dh, dw, pt, pb, pl, pr, r, c."""
+    n, channels, height, width = x_shape
+    return (_i64 * 15)(n, channels, height, width, layout.out_features, *kernel, *dilation, *padding, *layout.block)
+
+
 def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
-
-
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("block-sparse convolution kernel could not allocate its buffers")
-
-
-def output_size(padded: tuple[int, int], kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
-    """``(Ho, Wo)`` of a stride-1 convolution of an already padded ``(Hp, Wp)`` input."""
-    return padded[0] - dilation[0] * (kernel[0] - 1), padded[1] - dilation[1] * (kernel[1] - 1)
 
 
 def _work(n: int, layout: BlockLayout, pixels: int) -> int:
@@ -87,42 +89,42 @@ def _work(n: int, layout: BlockLayout, pixels: int) -> int:
     return n * layout.nnz * r * c * pixels
 
 
-def forward(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None, kernel: tuple[int, int],
-            dilation: tuple[int, int]) -> Tensor:
-    """``y (N, out, Ho, Wo)``: the convolution of the padded, contiguous ``x`` plus ``bias``."""
-    n, channels, hp, wp = x.shape
-    ho, wo = output_size((hp, wp), kernel, dilation)
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("block-sparse convolution kernel could not allocate its buffers")
+
+
+def forward(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None, kernel: Pair,
+            dilation: Pair, padding: Padding) -> Tensor:
+    """``y (N, out, Ho, Wo)``: the convolution of the contiguous ``x (N, C, H, W)`` plus ``bias``."""
+    n, _, height, width = x.shape
+    ho, wo = output_size((height, width), kernel, dilation, padding)
     y = x.new_empty(n, layout.out_features, ho, wo)
-    r, c = layout.block
     _check(_loaded().bspc_forward(
-        n, channels, hp, wp, x.data_ptr(), layout.out_features, *kernel, *dilation, r, c,
-        layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), values.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), _threads(_work(n, layout, ho * wp))))
+        _dims(x.shape, layout, kernel, dilation, padding), x.data_ptr(), layout.row_ptr.data_ptr(),
+        layout.col_idx.data_ptr(), values.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        _threads(_work(n, layout, ho * wo))))
     return y
 
 
-def input_grad(grad_out: Tensor, values: Tensor, layout: BlockLayout, padded: tuple[int, int],
-               kernel: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    """``dx (N, C, Hp, Wp)`` for the padded input, from a contiguous ``grad_out``."""
-    n, _, ho, _ = grad_out.shape
-    channels = layout.in_features // (kernel[0] * kernel[1])
-    dx = grad_out.new_zeros(n, channels, *padded)
-    r, c = layout.block
+def input_grad(grad_out: Tensor, values: Tensor, layout: BlockLayout, size: Pair, kernel: Pair,
+               dilation: Pair, padding: Padding) -> Tensor:
+    """``dx (N, C, H, W)`` from a contiguous ``grad_out``."""
+    n, _, ho, wo = grad_out.shape
+    dx = grad_out.new_empty(n, layout.in_features // (kernel[0] * kernel[1]), *size)
     _check(_loaded().bspc_input_grad(
-        n, channels, *padded, grad_out.data_ptr(), layout.out_features, *kernel, *dilation, r, c,
-        layout.t_ptr.data_ptr(), layout.t_row.data_ptr(), layout.t_block.data_ptr(), values.data_ptr(),
-        dx.data_ptr(), _threads(_work(n, layout, ho * padded[1]))))
+        _dims(dx.shape, layout, kernel, dilation, padding), grad_out.data_ptr(), layout.t_ptr.data_ptr(),
+        layout.t_row.data_ptr(), layout.t_block.data_ptr(), values.data_ptr(), dx.data_ptr(),
+        _threads(_work(n, layout, ho * wo))))
     return dx
 
 
-def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout, kernel: tuple[int, int],
-                dilation: tuple[int, int]) -> Tensor:
-    """``dValues (nnz, r, c)`` from a contiguous ``grad_out`` and the padded, contiguous ``x``."""
-    n, channels, hp, wp = x.shape
-    r, c = layout.block
-    grad = x.new_empty(layout.nnz, r, c)
+def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout, kernel: Pair, dilation: Pair,
+                padding: Padding) -> Tensor:
+    """``dValues (nnz, r, c)`` from a contiguous ``grad_out`` and the contiguous ``x``."""
+    n, _, ho, wo = grad_out.shape
+    grad = x.new_empty(layout.nnz, *layout.block)
     _check(_loaded().bspc_values_grad(
-        n, channels, hp, wp, x.data_ptr(), grad_out.data_ptr(), layout.out_features, *kernel, *dilation,
-        r, c, layout.nnz, layout.row_idx.data_ptr(), layout.col_idx.data_ptr(), grad.data_ptr(),
-        _threads(_work(n, layout, grad_out.shape[2] * wp))))
+        _dims(x.shape, layout, kernel, dilation, padding), x.data_ptr(), grad_out.data_ptr(), layout.nnz,
+        layout.row_idx.data_ptr(), layout.col_idx.data_ptr(), grad.data_ptr(), _threads(_work(n, layout, ho * wo))))
     return grad
