@@ -12,6 +12,7 @@ figure is the median over the rounds. The command line is in :mod:`sparsenets.cl
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -54,6 +55,14 @@ def _step(forward: Callable[[], Tensor], leaves: list[Tensor], backward: bool) -
             leaf.grad = None
         forward().sum().backward()
     return step
+
+
+def layer_step(forward: Callable[[Tensor], Tensor], x: Tensor, leaves: list[Tensor], backward: bool) -> Step:
+    """:func:`_step` for a layer called on ``x``; in training ``x`` gets its gradient too."""
+    if backward:
+        x = x.clone().requires_grad_()
+        leaves = [x, *leaves]
+    return _step(functools.partial(forward, x), leaves, backward)
 
 
 def _dense(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import block_mask
+from .bench import block_mask, layer_step
 from .compression.pipeline import CompressReport
 from .layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d
 from .utils import timing
@@ -27,7 +27,6 @@ from .utils import timing
 IMPLEMENTATIONS = ("dense", "sparsenets", "unfold")
 MODES = ("forward", "forward+backward")
 MIN_ROUNDS = 3
-Step = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -76,18 +75,6 @@ def _unfolded(layer: BlockSparseConv1d | BlockSparseConv2d) -> Callable[[Tensor]
     return forward
 
 
-def _step(forward: Callable[[Tensor], Tensor], x: Tensor, leaves: list[Tensor], backward: bool) -> Step:
-    if not backward:
-        return lambda: forward(x)
-    x = x.clone().requires_grad_()
-
-    def step():
-        for leaf in (x, *leaves):
-            leaf.grad = None
-        forward(x).sum().backward()
-    return step
-
-
 def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float = 3.0, seed: int = 0,
             impls: tuple[str, ...] = IMPLEMENTATIONS) -> dict:
     """Median milliseconds of each implementation on one case, plus speedups over dense; JSON-ready."""
@@ -97,7 +84,7 @@ def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float =
     backward = case.mode == "forward+backward"
     forwards: dict[str, tuple[Callable[[Tensor], Tensor], nn.Module]] = {
         "dense": (dense, dense), "sparsenets": (sparse, sparse), "unfold": (_unfolded(sparse), sparse)}
-    steps = {name: _step(forward, x, list(owner.parameters()), backward)
+    steps = {name: layer_step(forward, x, list(owner.parameters()), backward)
              for name, (forward, owner) in forwards.items() if name == "dense" or name in impls}
     with torch.enable_grad() if backward else torch.inference_mode():
         timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,
