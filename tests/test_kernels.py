@@ -260,10 +260,10 @@ def test_environment_forces_the_fallback(monkeypatch):
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):
-    def fail():
+    def fail(source=None):
         raise build.BuildError("no C compiler found")
 
-    monkeypatch.setattr(cpu, "load", fail)
+    monkeypatch.setattr(build, "load", fail)
     cpu.library.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import warnings
 import weakref
 
 import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
-from .build import BuildError, load
+from .build import load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -25,11 +24,8 @@ _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) when they cannot be built here."""
-    try:
-        lib = load()
-    except (BuildError, OSError) as err:
-        warnings.warn(f"sparsenets: block-sparse CPU kernels unavailable, using the slower torch "
-                      f"fallback ({err})", RuntimeWarning, stacklevel=3)
+    lib = load_or_warn("block_sparse.c", "using the slower torch fallback")
+    if lib is None:
         return None
     lib.bsp_spmm.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
                              _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int]

@@ -218,3 +218,14 @@ def load(source: Path | None = None) -> ctypes.CDLL:
     if reason := problem(path):  # checked again right before its code runs
         raise BuildError(f"refusing to load {path}: {reason}")
     return ctypes.CDLL(str(path))
+
+
+def load_or_warn(name: str, instead: str) -> ctypes.CDLL | None:
+    """The library of the C file ``name`` beside this module, or None after one ``RuntimeWarning``
+    saying why and what runs ``instead``."""
+    try:
+        return load(Path(__file__).with_name(name))
+    except (BuildError, OSError) as err:
+        warnings.warn(f"sparsenets: {Path(name).stem} CPU kernels unavailable, {instead} ({err})",
+                      RuntimeWarning, stacklevel=4)
+        return None

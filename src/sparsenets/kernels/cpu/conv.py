@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
-from .build import BuildError, load
+from .build import load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 Pair = tuple[int, int]
@@ -30,11 +28,8 @@ _WORK_PER_THREAD = 1 << 18
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) when they cannot be built here."""
-    try:
-        lib = load(Path(__file__).with_name("conv.c"))
-    except (BuildError, OSError) as err:
-        warnings.warn(f"sparsenets: block-sparse convolution kernels unavailable, unfolding patches "
-                      f"instead ({err})", RuntimeWarning, stacklevel=3)
+    lib = load_or_warn("conv.c", "unfolding patches instead")
+    if lib is None:
         return None
     lib.bspc_forward.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
     lib.bspc_input_grad.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
