@@ -1,4 +1,4 @@
-"""Choosing each sparse layer's kernel: dense, CSR or block-sparse.
+"""Choosing each sparse layer's kernel: dense, CSR, block-sparse or N:M.
 
 A density rule (thresholds measured on a 2-core x86 CPU, see docs/compress.md) gives each
 layer a first choice. With ``autotune`` every candidate then runs on the layer's own input
@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import PatternError
 from ..gemm import block_density, is_hf_conv1d, to_gemm
 from ..layers.csr import CSRLinear
-from ..patterns import block_shape_of
+from ..layers.nm import NMSparseLinear
+from ..patterns import NM, block_shape_of, parse_pattern
 from ..utils import atomic, cache, timing
 from .surgery import CONV_TYPES, weight_of
 
@@ -57,7 +59,7 @@ class LayerChoice:
     pattern: str
     shape: tuple[int, ...]  # weight shape after removing neurons/channels
     density: float  # fraction of nonzero weights
-    kind: str  # "dense", "csr" or "block"
+    kind: str  # "dense", "csr", "block" or "nm"
     times_ms: dict[str, float] = field(default_factory=dict)  # median per candidate, when timed
     how: str = "rule"  # "timed", "cached", "rule", "rule (timing inconclusive: ...)" or why it stays dense
 
@@ -84,6 +86,8 @@ def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Mod
     builders: dict[str, Callable[[], nn.Module]] = {"dense": lambda: module}
     if _is_linear(module):
         builders["csr"] = lambda: CSRLinear.from_dense(gemm, gemm != 0, bias)
+        if (nm := _n_m(pattern)) is not None and nm[1] <= 256 and NM(*nm).conforms(gemm != 0):
+            builders["nm"] = lambda: NMSparseLinear.from_dense(gemm, None, bias, *nm)
     block = block_shape_of(pattern)
     classes = _block_classes()
     if block is not None and classes is not None and block[0] <= gemm.shape[0] and block[1] <= gemm.shape[1]:
@@ -94,6 +98,14 @@ def candidates(module: nn.Module, pattern: str) -> dict[str, Callable[[], nn.Mod
             builders["block"] = lambda: cls.from_dense(module, weight, weight != 0, block)
     return builders
 
+
+
+def _n_m(pattern: str) -> tuple[int, int] | None:
+    """``(n, m)`` of an N:M pattern name such as ``"2:4"``, else None."""
+    try:
+        return parse_pattern(pattern).n_m if pattern else None
+    except PatternError:
+        return None
 
 
 def rule(module: nn.Module, pattern: str, kinds: list[str]) -> str:

@@ -1,11 +1,12 @@
 """``CSRLinear``: a Linear layer whose weight is a compressed-sparse-row matrix.
 
-For unstructured and N:M weights at low density, where a sparse-times-dense product
-(MKL on CPU) beats the dense GEMM. The kept values are an ``nn.Parameter``, so the layer
-trains with autograd; the sparsity structure is fixed (buffers ``crow_indices``, ``col_indices``),
-and state_dict, deepcopy and pickling work as for any module. Traced or training, the forward runs
-the custom op ``sparsenets::csr_linear`` on these plain tensors, so torch.compile and torch.export
-take the layer.
+For unstructured weights at low density, where a sparse-times-dense product beats the dense
+GEMM: on CPU fp32 the C kernels of :mod:`sparsenets.kernels.cpu.gather`, elsewhere
+``torch.sparse`` (MKL on CPU, cuSPARSE on CUDA). The kept values are an ``nn.Parameter``, so
+the layer trains with autograd; the sparsity structure is fixed (buffers ``crow_indices``,
+``col_indices``), and state_dict, deepcopy and pickling work as for any module. Traced or
+training, the forward runs the custom op ``sparsenets::csr_linear`` on these plain tensors, so
+torch.compile and torch.export take the layer.
 """
 
 from __future__ import annotations

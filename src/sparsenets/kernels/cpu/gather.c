@@ -8,12 +8,16 @@
  *
  * The batch is the vector dimension, not the weight: In is packed transposed, in tiles of BT rows
  * (tile[k][b], zero past the last row), so a stored entry (k, w) is one broadcast and NV vector
- * FMAs `acc[o][:] += w · tile[k][:]`, its column an address, with no gathers. The reduction runs
- * in chunks of KC columns whose tile slice stays in L1; partial sums of a block of outputs stay in
- * a per-thread buffer (L2) between chunks. Entries are sorted by column within a row, so each
- * row keeps a cursor from chunk to chunk instead of a stored chunk index.
+ * FMAs `acc[o][:] += w · tile[k][:]`, its column an address, with no gathers. Each output's sum
+ * stays in registers over all its entries: at these densities a row has few entries per cached
+ * slice of the tile, and reloading partial sums (and mispredicting the short loops) cost more
+ * than reading the tile from L2. Only inputs too wide for L2 are reduced in chunks of columns,
+ * each row keeping a cursor into its entries from chunk to chunk (entries ascending by column
+ * within a row keep it cache-friendly; any order is correct). The values gradient reduces VW
+ * entries' partial products at once; N:M's input gradient scatters into an L1-resident chunk of
+ * dXᵀ, as Wᵀ of an N:M matrix is not N:M.
  *
- * All matrices are fp32 with arbitrary (row, column) strides on input; outputs are row-major.
+ * All matrices are fp32 with arbitrary (row, column) strides on input; outputs take strides too.
  * Written with GCC vector extensions, so one source builds for AVX-512, AVX2, SSE or NEON.
  */
 #include <stdint.h>
@@ -33,13 +37,9 @@ typedef int32_t i32;
 #else
 #define VW 4
 #endif
-#define NV 4              /* vectors per row of a tile: BT = NV·VW batch rows */
-#ifndef L1_FLOATS
-#define L1_FLOATS 8192 /* 32 KiB: a chunk of a tile that stays in L1 */
-#endif
-#ifndef PREFETCH
-#define PREFETCH 8 /* entries ahead */
-#endif
+#define NV 4              /* vectors per row of a tile: BT = NV·VW batch rows (2 and 8: slower) */
+#define L1_FLOATS 8192    /* 32 KiB: a slice of a tile that stays in L1 */
+#define L2_FLOATS 262144  /* 1 MiB: a slice of a tile that stays in L2 */
 #define SMALL_ROWS 2      /* up to this many rows, products read In as it is (no tiles) */
 #define OUT_BLOCK_MAX 512 /* outputs per work item: its partial sums (≤ 128 KiB) stay in L2 */
 
@@ -92,25 +92,45 @@ static void workspace_release(float *buffer)
 
 static int tile_vectors(i64 rows) { return rows > 2 * VW ? NV : rows > VW ? 2 : 1; }
 
-/* Transposes the VW × VW block r in registers: swaps the off-diagonal halves, then quarters... */
+/* Shuffle masks, one lane per j, as constants (the shuffles need them at compile time). */
+#if VW == 16
+#define LANES(f, h) {f(0, h), f(1, h), f(2, h), f(3, h), f(4, h), f(5, h), f(6, h), f(7, h), \
+                     f(8, h), f(9, h), f(10, h), f(11, h), f(12, h), f(13, h), f(14, h), f(15, h)}
+#elif VW == 8
+#define LANES(f, h) {f(0, h), f(1, h), f(2, h), f(3, h), f(4, h), f(5, h), f(6, h), f(7, h)}
+#else
+#define LANES(f, h) {f(0, h), f(1, h), f(2, h), f(3, h)}
+#endif
+/* Two-vector shuffles on lanes j: with bit h of j clear, `own` keeps a's lane and `other` takes
+ * a's lane j + h; with it set, `own` takes b's lane j and `other` b's lane j - h. */
+#define OWN(j, h) (((j) & (h)) ? VW + (j) : (j))
+#define OTHER(j, h) (((j) & (h)) ? VW + (j) - (h) : (j) + (h))
+#define CROSS_LO(j, h) (((j) & (h)) ? VW + (j) - (h) : (j)) /* a's lane j, or b's lane j - h */
+#define CROSS_HI(j, h) (((j) & (h)) ? VW + (j) : (j) + (h)) /* a's lane j + h, or b's lane j */
+
+/* One step of a transpose: rows i and i + h swap their off-diagonal h-lane halves. */
+#define TRANSPOSE_STEP(r, h)                                                      \
+    do {                                                                          \
+        const ivec lo = LANES(CROSS_LO, h), hi = LANES(CROSS_HI, h);              \
+        for (int i = 0; i < VW; i++)                                              \
+            if (!(i & (h))) {                                                     \
+                vec a = r[i], b = r[i + (h)];                                     \
+                r[i] = __builtin_shuffle(a, b, lo);                               \
+                r[i + (h)] = __builtin_shuffle(a, b, hi);                         \
+            }                                                                     \
+    } while (0)
+
+/* Transposes the VW × VW block r in registers: halves, then quarters, ... swap places. */
 static ALWAYS_INLINE void transpose(vec r[VW])
 {
-#pragma GCC unroll 4
-    for (int h = VW / 2; h > 0; h /= 2) {
-        ivec lo, hi;
-#pragma GCC unroll 16
-        for (int j = 0; j < VW; j++) {
-            lo[j] = (j & h) ? VW + j - h : j;
-            hi[j] = (j & h) ? VW + j : j + h;
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < VW; i++)
-            if (!(i & h)) {
-                vec a = r[i], b = r[i + h];
-                r[i] = __builtin_shuffle(a, b, lo);
-                r[i + h] = __builtin_shuffle(a, b, hi);
-            }
-    }
+#if VW > 8
+    TRANSPOSE_STEP(r, 8);
+#endif
+#if VW > 4
+    TRANSPOSE_STEP(r, 4);
+#endif
+    TRANSPOSE_STEP(r, 2);
+    TRANSPOSE_STEP(r, 1);
 }
 
 /* Tile t of In (rows × dim, strides s_row, s_col) transposed: dst[k][i] = In[t·bt + i][k]. */
@@ -140,33 +160,38 @@ static void pack_tile(const float *in, i64 s_row, i64 s_col, i64 rows, i64 dim, 
     }
 }
 
-/* out[i][o] = acc[o][i] (+ bias[o]) for the first n_rows rows and n_out outputs. */
-static void unpack_tile(const float *acc, i64 n_out, int bt, i64 n_rows, float *out, i64 ld, const float *bias)
+/* out[i][o] = acc[o][i] (+ bias[o]) for the first n_rows rows and n_out outputs; out has
+ * strides (o_row, o_col): row-major (transposed through registers) or column-major (copied). */
+static void unpack_tile(const float *acc, i64 n_out, int bt, i64 n_rows, float *out, i64 o_row, i64 o_col,
+                        const float *bias)
 {
     i64 o0 = 0;
-    for (; o0 + VW <= n_out; o0 += VW) {
-        vec b = bias ? *(const vec *)(bias + o0) : (vec){0};
-        i64 i0 = 0;
-        for (; i0 + VW <= n_rows; i0 += VW) {
-            vec r[VW];
+    if (o_col == 1)
+        for (; o0 + VW <= n_out; o0 += VW) {
+            vec b = bias ? *(const vec *)(bias + o0) : (vec){0};
+            i64 i0 = 0;
+            for (; i0 + VW <= n_rows; i0 += VW) {
+                vec r[VW];
 #pragma GCC unroll 16
-            for (int o = 0; o < VW; o++) r[o] = *(const vec *)(acc + (o0 + o) * bt + i0);
-            transpose(r);
+                for (int o = 0; o < VW; o++) r[o] = *(const vec *)(acc + (o0 + o) * bt + i0);
+                transpose(r);
 #pragma GCC unroll 16
-            for (int i = 0; i < VW; i++) *(vec *)(out + (i0 + i) * ld + o0) = r[i] + b;
+                for (int i = 0; i < VW; i++) *(vec *)(out + (i0 + i) * o_row + o0) = r[i] + b;
+            }
+            for (i64 i = i0; i < n_rows; i++)
+                for (i64 o = o0; o < o0 + VW; o++) out[i * o_row + o] = acc[o * bt + i] + (bias ? bias[o] : 0.0f);
         }
-        for (i64 i = i0; i < n_rows; i++)
-            for (i64 o = o0; o < o0 + VW; o++) out[i * ld + o] = acc[o * bt + i] + (bias ? bias[o] : 0.0f);
+    for (i64 o = o0; o < n_out; o++) { /* rows of acc are columns of out */
+        float b = bias ? bias[o] : 0.0f;
+        for (i64 i = 0; i < n_rows; i++) out[i * o_row + o * o_col] = acc[o * bt + i] + b;
     }
-    for (i64 i = 0; i < n_rows; i++)
-        for (i64 o = o0; o < n_out; o++) out[i * ld + o] = acc[o * bt + i] + (bias ? bias[o] : 0.0f);
 }
 
-/* Columns per chunk: an L1's worth of tile rows, whole N:M groups. */
-static i64 chunk_columns(const sparse_t *p, int bt)
+/* Columns per chunk: `floats` worth of tile rows, whole N:M groups. */
+static i64 chunk_columns(const sparse_t *p, int bt, i64 floats)
 {
     i64 m = p->n ? p->m : 1;
-    return MAX(m, L1_FLOATS / bt / m * m);
+    return MAX(m, floats / bt / m * m);
 }
 
 /* ---- entries --------------------------------------------------------------------------- */
@@ -196,10 +221,6 @@ static ALWAYS_INLINE i64 spmm_run(const int nv, const int n, const sparse_t *p, 
         c[v] = (vec){0};
     }
     for (; e + 1 < end && (n || col[e + 1] < k_end); e += 2) {
-#if PREFETCH
-        if (e + PREFETCH < end) /* the tile row of an entry ahead: a jump no hardware prefetcher guesses */
-            for (int v = 0; v < nv; v++) __builtin_prefetch(tile + column(n, p, col, idx, e + PREFETCH) * bt + v * VW);
-#endif
         const float *x0 = tile + column(n, p, col, idx, e) * bt;
         const float *x1 = tile + column(n, p, col, idx, e + 1) * bt;
         float w0 = weight(values, perm, e), w1 = weight(values, perm, e + 1);
@@ -225,7 +246,7 @@ static ALWAYS_INLINE void spmm_item(const int nv, const int n, const sparse_t *p
                                     i64 o0, i64 o1, float *acc, i64 *cursor)
 {
     const int bt = nv * VW;
-    i64 kc = chunk_columns(p, bt), per_row = n ? p->in_dim / p->m * n : 0;
+    i64 kc = chunk_columns(p, bt, L2_FLOATS), per_row = n ? p->in_dim / p->m * n : 0;
     memset(acc, 0, (o1 - o0) * bt * sizeof(float));
     if (!n)
         for (i64 o = o0; o < o1; o++) cursor[o - o0] = p->ptr[o];
@@ -246,7 +267,7 @@ static ALWAYS_INLINE void spmm_item(const int nv, const int n, const sparse_t *p
     }
 }
 
-/* One instantiation per tile width and per N:M n that has a constant (others take n at run time). */
+/* One instantiation per tile width, for CSR and N:M with n = 1, 2, 4 (other n at run time). */
 #define DISPATCH(fn, nv, n, ...)                                                 \
     switch ((nv) * 8 + ((n) == 0 ? 0 : (n) == 1 ? 1 : (n) == 2 ? 2 : (n) == 4 ? 3 : 4)) { \
     case 8: fn(1, 0, __VA_ARGS__); break;                                          \
@@ -274,7 +295,7 @@ static void spmm_item_any(int nv, const sparse_t *p, const float *tile, i64 o0, 
 
 /* Out = In·Pᵀ (+ bias) for a few rows: one dot product per output, In read where it lies. */
 static void spmm_small(const sparse_t *p, i64 rows, const float *in, i64 s_row, i64 s_col, float *out,
-                       i64 ld_out, int n_threads)
+                       i64 o_row, i64 o_col, int n_threads)
 {
     i64 per_row = p->n ? p->in_dim / p->m * p->n : 0;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -294,17 +315,17 @@ static void spmm_small(const sparse_t *p, i64 rows, const float *in, i64 s_row, 
                 i64 k0 = p->n ? column(p->n, p, NULL, p->idx + first, e - first) : p->col[e];
                 s0 += weight(p->values, p->perm, e) * x[k0 * s_col];
             }
-            out[b * ld_out + o] = s0 + s1 + (p->bias ? p->bias[o] : 0.0f);
+            out[b * o_row + o * o_col] = s0 + s1 + (p->bias ? p->bias[o] : 0.0f);
         }
     }
 }
 
-static int spmm(const sparse_t *p, i64 rows, const float *in, i64 s_row, i64 s_col, float *out, i64 ld_out,
+static int spmm(const sparse_t *p, i64 rows, const float *in, i64 s_row, i64 s_col, float *out, i64 o_row, i64 o_col,
                 int n_threads)
 {
     if (rows == 0 || p->out_dim == 0) return 0;
     if (rows <= SMALL_ROWS) {
-        spmm_small(p, rows, in, s_row, s_col, out, ld_out, n_threads);
+        spmm_small(p, rows, in, s_row, s_col, out, o_row, o_col, n_threads);
         return 0;
     }
     int nv = tile_vectors(rows), bt = nv * VW;
@@ -334,7 +355,7 @@ static int spmm(const sparse_t *p, i64 rows, const float *in, i64 s_row, i64 s_c
             for (i64 b = 0; b < n_ob; b++) {
                 i64 o0 = b * ob, o1 = MIN(p->out_dim, o0 + ob);
                 spmm_item_any(nv, p, xp + t * tile_size, o0, o1, acc, cursor);
-                unpack_tile(acc, o1 - o0, bt, MIN(bt, rows - t * bt), out + t * bt * ld_out + o0, ld_out,
+                unpack_tile(acc, o1 - o0, bt, MIN(bt, rows - t * bt), out + t * bt * o_row + o0 * o_col, o_row, o_col,
                             p->bias ? p->bias + o0 : NULL);
             }
     }
@@ -342,87 +363,104 @@ static int spmm(const sparse_t *p, i64 rows, const float *in, i64 s_row, i64 s_c
     return 0;
 }
 
-/* Out[rows × out_dim] = In[rows × in_dim] · Wᵀ (+ bias), W in CSR (columns ascending per row).
+/* Out[rows × out_dim] (strides o_row, o_col) = In[rows × in_dim] · Wᵀ (+ bias), W in CSR.
  * With perm, entry e's value is values[perm[e]]: W is then another matrix's transposed index. */
-int sn_csr_spmm(i64 rows, const float *in, i64 s_row, i64 s_col, i64 in_dim, float *out, i64 ld_out,
+int sn_csr_spmm(i64 rows, const float *in, i64 s_row, i64 s_col, i64 in_dim, float *out, i64 o_row, i64 o_col,
                 i64 out_dim, const i64 *ptr, const i32 *col, const i32 *perm, const float *values,
                 const float *bias, int n_threads)
 {
     sparse_t p = {out_dim, in_dim, ptr, col, perm, NULL, 0, 1, values, bias};
-    return spmm(&p, rows, in, s_row, s_col, out, ld_out, n_threads);
+    return spmm(&p, rows, in, s_row, s_col, out, o_row, o_col, n_threads);
 }
 
 /* The same with W in N:M form: values and in-group indices (out_dim × in_dim/m·n), in_dim % m == 0. */
-int sn_nm_spmm(i64 rows, const float *in, i64 s_row, i64 s_col, i64 in_dim, float *out, i64 ld_out,
+int sn_nm_spmm(i64 rows, const float *in, i64 s_row, i64 s_col, i64 in_dim, float *out, i64 o_row, i64 o_col,
                i64 out_dim, int n, int m, const uint8_t *idx, const float *values, const float *bias,
                int n_threads)
 {
     sparse_t p = {out_dim, in_dim, NULL, NULL, NULL, idx, n, m, values, bias};
-    return spmm(&p, rows, in, s_row, s_col, out, ld_out, n_threads);
+    return spmm(&p, rows, in, s_row, s_col, out, o_row, o_col, n_threads);
 }
 
 /* ---- G[e] = dY[:, row(e)] · X[:, col(e)] ------------------------------------------------ */
 
-/* Sum of a vector's lanes, by halves. */
-static ALWAYS_INLINE float hsum(vec v)
+/* One fold: vectors i and i + h become one, lanes with bit h clear summing vector i's pairs
+ * of lanes h apart, the others vector i + h's. */
+#define FOLD_STEP(s, h)                                                                          \
+    do {                                                                                         \
+        const ivec own = LANES(OWN, h), other = LANES(OTHER, h);                                 \
+        for (int i = 0; i < (h); i++)                                                            \
+            s[i] = __builtin_shuffle(s[i], s[i + (h)], own) + __builtin_shuffle(s[i], s[i + (h)], other); \
+    } while (0)
+
+/* Lane i of the result is the sum of the lanes of s[i]: VW - 1 folds instead of VW
+ * horizontal sums. */
+static ALWAYS_INLINE vec lane_sums(vec s[VW])
 {
-    for (int s = VW / 2; s > 0; s /= 2) {
-        ivec swap;
-        for (int i = 0; i < VW; i++) swap[i] = i ^ s;
-        v += __builtin_shuffle(v, swap);
-    }
-    return v[0];
+#if VW > 8
+    FOLD_STEP(s, 8);
+#endif
+#if VW > 4
+    FOLD_STEP(s, 4);
+#endif
+    FOLD_STEP(s, 2);
+    FOLD_STEP(s, 1);
+    return s[0];
 }
 
-/* grad[e] (+)= dy · tile[col(e)] for the entries of one output in one chunk; returns the next. */
-static ALWAYS_INLINE i64 sddmm_run(const int nv, const int n, const sparse_t *p, const i32 *col,
-                                   const uint8_t *idx, i64 e, i64 end, i64 k_end, const float *dy,
-                                   const float *tile, float *grad, int first)
+/* grad[e0 .. e0+count) (+)= the lane sums of the first count partial products. */
+static ALWAYS_INLINE void flush(vec s[VW], int count, float *grad, int first)
 {
-    const int bt = nv * VW;
-    vec d[NV];
-    for (int v = 0; v < nv; v++) d[v] = *(const vec *)(dy + v * VW);
-    for (; e < end && (n || col[e] < k_end); e++) {
-        const float *x = tile + column(n, p, col, idx, e) * bt;
-        vec s = d[0] * *(const vec *)x;
-        for (int v = 1; v < nv; v++) s += d[v] * *(const vec *)(x + v * VW);
-        grad[e] = (first ? 0.0f : grad[e]) + hsum(s);
+    for (int i = count; i < VW; i++) s[i] = (vec){0};
+    vec sums = lane_sums(s);
+    if (count == VW) {
+        if (!first) sums += *(const vec *)grad;
+        *(vec *)grad = sums;
+        return;
     }
-    return e;
+    for (int i = 0; i < count; i++) grad[i] = first ? sums[i] : grad[i] + sums[i];
 }
 
-/* The entries of outputs o0 .. o1-1, summed over every tile. */
+/* The entries of outputs o0 .. o1-1 (consecutive in storage), summed over every tile: per entry
+ * a vector of partial products, VW of them reduced at once. */
 static ALWAYS_INLINE void sddmm_item(const int nv, const int n, const sparse_t *p, i64 n_tiles,
-                                     const float *gp, const float *xp, i64 o0, i64 o1, float *grad,
-                                     i64 *cursor)
+                                     const float *gp, const float *xp, i64 o0, i64 o1, float *grad)
 {
     const int bt = nv * VW;
-    i64 kc = chunk_columns(p, bt), per_row = n ? p->in_dim / p->m * n : 0;
+    i64 per_row = n ? p->in_dim / p->m * n : 0;
+    i64 first_entry = n ? o0 * per_row : p->ptr[o0];
+    vec s[VW];
     for (i64 t = 0; t < n_tiles; t++) {
         const float *tile = xp + t * p->in_dim * bt, *gy = gp + t * p->out_dim * bt;
-        if (!n)
-            for (i64 o = o0; o < o1; o++) cursor[o - o0] = p->ptr[o];
-        for (i64 k0 = 0; k0 < p->in_dim; k0 += kc) {
-            i64 k1 = MIN(p->in_dim, k0 + kc);
-            for (i64 o = o0; o < o1; o++) {
-                if (n) {
-                    i64 row = o * per_row;
-                    sddmm_run(nv, n, p, NULL, p->idx + row, k0 / p->m * n, k1 / p->m * n, k1, gy + o * bt,
-                              tile, grad + row, t == 0);
-                } else if (cursor[o - o0] < p->ptr[o + 1]) {
-                    cursor[o - o0] = sddmm_run(nv, 0, p, p->col, NULL, cursor[o - o0], p->ptr[o + 1], k1,
-                                               gy + o * bt, tile, grad, t == 0);
+        i64 done = first_entry;
+        int count = 0;
+        for (i64 o = o0; o < o1; o++) {
+            i64 start = n ? o * per_row : p->ptr[o], end = n ? start + per_row : p->ptr[o + 1];
+            const uint8_t *idx = n ? p->idx + start : NULL;
+            const i32 *col = n ? NULL : p->col + start;
+            vec d[NV];
+            for (int v = 0; v < nv; v++) d[v] = *(const vec *)(gy + o * bt + v * VW);
+            for (i64 e = start; e < end; e++) {
+                const float *x = tile + column(n, p, col, idx, e - start) * bt;
+                vec sum = d[0] * *(const vec *)x;
+                for (int v = 1; v < nv; v++) sum += d[v] * *(const vec *)(x + v * VW);
+                s[count++] = sum;
+                if (count == VW) {
+                    flush(s, VW, grad + done, t == 0);
+                    done += VW;
+                    count = 0;
                 }
             }
         }
+        if (count) flush(s, count, grad + done, t == 0);
     }
 }
 
 static void sddmm_item_any(int nv, const sparse_t *p, i64 n_tiles, const float *gp, const float *xp, i64 o0,
-                           i64 o1, float *grad, i64 *cursor)
+                           i64 o1, float *grad)
 {
     int n = p->n;
-    DISPATCH(sddmm_item, nv, n, p, n_tiles, gp, xp, o0, o1, grad, cursor)
+    DISPATCH(sddmm_item, nv, n, p, n_tiles, gp, xp, o0, o1, grad)
 }
 
 static void sddmm_small(const sparse_t *p, i64 rows, const float *gy, i64 g_row, i64 g_col, const float *x,
@@ -453,18 +491,13 @@ static int sddmm(const sparse_t *p, i64 rows, const float *gy, i64 g_row, i64 g_
     i64 splits = 4 * n_threads, ob = (p->out_dim + splits - 1) / splits;
     ob = MAX(1, MIN(OUT_BLOCK_MAX, ob));
     i64 n_ob = (p->out_dim + ob - 1) / ob;
-    i64 x_size = n_tiles * p->in_dim * bt, g_size = n_tiles * p->out_dim * bt, scratch = (2 * ob + 15) / 16 * 16;
-    float *xp = workspace_get((x_size + g_size + n_threads * scratch) * sizeof(float));
+    i64 x_size = n_tiles * p->in_dim * bt, g_size = n_tiles * p->out_dim * bt;
+    float *xp = workspace_get((x_size + g_size) * sizeof(float));
     if (!xp) return -1;
-    float *gp = xp + x_size, *scratches = gp + g_size;
+    float *gp = xp + x_size;
 
 #pragma omp parallel num_threads(n_threads)
     {
-#ifdef _OPENMP
-        i64 *cursor = (i64 *)(scratches + omp_get_thread_num() * scratch);
-#else
-        i64 *cursor = (i64 *)scratches;
-#endif
 #pragma omp for schedule(dynamic, 1)
         for (i64 t = 0; t < 2 * n_tiles; t++) {
             if (t < n_tiles) pack_tile(x, x_row, x_col, rows, p->in_dim, t, bt, xp + t * p->in_dim * bt);
@@ -472,7 +505,7 @@ static int sddmm(const sparse_t *p, i64 rows, const float *gy, i64 g_row, i64 g_
         }
 #pragma omp for schedule(dynamic, 1)
         for (i64 b = 0; b < n_ob; b++)
-            sddmm_item_any(nv, p, n_tiles, gp, xp, b * ob, MIN(p->out_dim, (b + 1) * ob), grad, cursor);
+            sddmm_item_any(nv, p, n_tiles, gp, xp, b * ob, MIN(p->out_dim, (b + 1) * ob), grad);
     }
     workspace_release(xp);
     return 0;
@@ -530,7 +563,7 @@ int sn_nm_input_grad(i64 rows, const float *gy, i64 g_row, i64 g_col, i64 out_di
     sparse_t p = {out_dim, in_dim, NULL, NULL, NULL, idx, n, m, values, NULL};
     if (rows == 0 || in_dim == 0) return 0;
     int nv = tile_vectors(rows), bt = nv * VW;
-    i64 n_tiles = (rows + bt - 1) / bt, kc = chunk_columns(&p, bt), n_chunks = (in_dim + kc - 1) / kc;
+    i64 n_tiles = (rows + bt - 1) / bt, kc = chunk_columns(&p, bt, L1_FLOATS), n_chunks = (in_dim + kc - 1) / kc;
     i64 g_size = n_tiles * out_dim * bt;
     float *gp = workspace_get((g_size + n_threads * kc * bt) * sizeof(float));
     if (!gp) return -1;
@@ -550,7 +583,7 @@ int sn_nm_input_grad(i64 rows, const float *gy, i64 g_row, i64 g_col, i64 out_di
             for (i64 c = 0; c < n_chunks; c++) {
                 i64 k0 = c * kc, k1 = MIN(in_dim, k0 + kc);
                 nm_input_grad_any(nv, &p, gp + t * out_dim * bt, k0, k1, acc);
-                unpack_tile(acc, k1 - k0, bt, MIN(bt, rows - t * bt), dx + t * bt * ld_dx + k0, ld_dx, NULL);
+                unpack_tile(acc, k1 - k0, bt, MIN(bt, rows - t * bt), dx + t * bt * ld_dx + k0, ld_dx, 1, NULL);
             }
     }
     workspace_release(gp);

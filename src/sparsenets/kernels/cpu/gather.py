@@ -2,8 +2,9 @@
 
 Inputs are 2-D with any strides (the kernels pack them in tiles anyway); values, bias and
 index tensors are contiguous (CSR: int64 row pointers, int32 columns; N:M: uint8 in-group
-indices). Outputs are row-major and allocated here. Threads follow ``torch.get_num_threads()``,
-except for products too small to be worth a fork-join.
+indices). Outputs are allocated here, row-major or (``transposed``) as the transpose of a
+row-major ``out × rows`` matrix, which the kernels write without a transposition. Threads
+follow ``torch.get_num_threads()``, except for products too small to be worth a fork-join.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .build import BuildError, load
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _IN = [_i64, _ptr, _i64, _i64]  # rows, data, row stride, column stride
 _SIGNATURES = {
-    "sn_csr_spmm": [*_IN, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "sn_nm_spmm": [*_IN, _i64, _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _ptr, _int],
+    "sn_csr_spmm": [*_IN, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "sn_nm_spmm": [*_IN, _i64, _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _ptr, _int],
     "sn_csr_sddmm": [*_IN, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int],
     "sn_nm_sddmm": [*_IN, _ptr, _i64, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int],
     "sn_nm_input_grad": [*_IN, _i64, _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int],
@@ -57,7 +58,7 @@ available._dynamo_marked_constant = True  # type: ignore[attr-defined]  # see cp
 
 def supports(*tensors: Tensor | None) -> bool:
     """Whether these tensors can take the C kernels: CPU fp32, and a compiler was found."""
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors) and available()
+    return all(t is None or (t.is_cpu and t.dtype is torch.float32) for t in tensors) and available()
 
 
 def _lib() -> ctypes.CDLL:
@@ -79,18 +80,23 @@ def _ptr_of(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _output(x: Tensor, features: int, transposed: bool) -> Tensor:
+    return x.new_empty(features, x.shape[0]).t() if transposed else x.new_empty(x.shape[0], features)
+
+
 def _check(status: int, rows: int) -> None:
     if status != 0:
         raise MemoryError(f"sparse kernel could not allocate its buffers for {rows} rows")
 
 
 def csr_linear(x: Tensor, ptr: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, out_features: int,
-               perm: Tensor | None = None) -> Tensor:
-    """``x (rows, in) · Pᵀ + bias (rows, out)``, ``P`` in CSR (``ptr`` int64, ``col`` int32 ascending per
-    row); with ``perm`` (int32) entry ``e`` takes ``values[perm[e]]``."""
-    out = x.new_empty(x.shape[0], out_features)
+               perm: Tensor | None = None, transposed: bool = False) -> Tensor:
+    """``x (rows, in) · Pᵀ + bias (rows, out)``, ``P`` in CSR (``ptr`` int64, ``col`` int32, best
+    ascending within a row); with ``perm`` (int32) entry ``e`` takes ``values[perm[e]]``."""
+    out = _output(x, out_features, transposed)
     work = x.shape[0] * col.numel()
-    _check(_lib().sn_csr_spmm(*_input(x), x.shape[1], out.data_ptr(), out_features, out_features, ptr.data_ptr(),
+    _check(_lib().sn_csr_spmm(*_input(x), x.shape[1], out.data_ptr(), out.stride(0), out.stride(1),
+                              out_features, ptr.data_ptr(),
                               col.data_ptr(), _ptr_of(perm), values.data_ptr(), _ptr_of(bias), _threads(work)),
            x.shape[0])
     return out
@@ -106,12 +112,13 @@ def csr_values_grad(grad_out: Tensor, x: Tensor, ptr: Tensor, col: Tensor) -> Te
     return grad
 
 
-def nm_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
+def nm_linear(x: Tensor, values: Tensor, idx: Tensor, bias: Tensor | None, n: int, m: int,
+              transposed: bool = False) -> Tensor:
     """``x (rows, in) · Wᵀ + bias``, ``W`` as N:M ``values`` and uint8 in-group ``idx`` (out, in/m·n)."""
     out_features = values.shape[0]
-    out = x.new_empty(x.shape[0], out_features)
+    out = _output(x, out_features, transposed)
     work = x.shape[0] * values.numel()
-    _check(_lib().sn_nm_spmm(*_input(x), x.shape[1], out.data_ptr(), out_features, out_features, n, m,
+    _check(_lib().sn_nm_spmm(*_input(x), x.shape[1], out.data_ptr(), out.stride(0), out.stride(1), out_features, n, m,
                              idx.data_ptr(), values.data_ptr(), _ptr_of(bias), _threads(work)), x.shape[0])
     return out
 
