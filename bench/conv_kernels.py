@@ -2,7 +2,7 @@
 
     python bench/conv_kernels.py --threads 2 --json conv_kernels.json
 
-Interleaved rounds, medians (:mod:`sparsenets.bench_conv`): dense, this library's layer, and the
+Interleaved rounds, medians (:mod:`sparsenets.bench.conv`): dense, this library's layer, and the
 same layer on unfolded patches; speedups are the median of per-round ratios to dense. Cases:
 256->256 3x3 28x28 batch 32 at 90/75/50% block sparsity (32x32 blocks), 64->64 56x56 and a
 Conv1d at 90%.
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparsenets.bench import machine
-from sparsenets.bench_conv import IMPLEMENTATIONS, MODES, compress_picks, default_cases, ideal, rows
+from sparsenets.bench.conv import IMPLEMENTATIONS, MODES, compress_picks, default_cases, ideal, rows
 from sparsenets.kernels.cpu import conv
 from sparsenets.utils.atomic import write_json
 

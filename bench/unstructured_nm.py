@@ -3,7 +3,7 @@
     python bench/unstructured_nm.py --threads 2 --json unstructured_nm.json
 
 One 2048×2048 layer per row: unstructured at 90/95/98% (batch 512 and 1), 2:4, 1:4 and 2:8
-(batch 512 and 64), forward and forward+backward. Measured by :mod:`sparsenets.bench_sparse`
+(batch 512 and 64), forward and forward+backward. Measured by :mod:`sparsenets.bench.sparse`
 (interleaved rounds, medians); SparseLab's column appears when it is installed.
 """
 
@@ -19,7 +19,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from sparsenets.bench import machine
-from sparsenets.bench_sparse import MODES, Peer, SparseCase, default_cases, rows
+from sparsenets.bench.sparse import MODES, Peer, SparseCase, default_cases, rows
 from sparsenets.utils.atomic import write_json
 
 PEERS = ("sparsenets", "torch_csr", "sparselab")

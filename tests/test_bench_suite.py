@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparsenets import finalize_, sparsify_
-from sparsenets.bench_e2e import compressed, mlp_block
-from sparsenets.bench_suite import table
+from sparsenets.bench.end_to_end import compressed, mlp_block
+from sparsenets.bench.suite import table
 from sparsenets.cli import main
 
 

@@ -88,7 +88,7 @@ IMPORT_NAMES = {"pyyaml": "yaml", "scikit-learn": "sklearn"}
 # Imported by the core only inside functions, for inputs that need them: a checkpoint with Hugging Face
 # layers needs transformers, the GPU kernels triton (the kernels check that it is installed).
 OPTIONAL_IN_CORE = {"transformers", "triton"}
-NOT_CORE = ("experiments", "cli", "bench.py")
+NOT_CORE = ("experiments", "cli", "bench")
 # Bridges to other training stacks: each imports the library it bridges, which its user has.
 BRIDGES = ("integrations/huggingface.py", "integrations/lightning.py")
 

@@ -197,7 +197,7 @@ def test_compile_fullgraph_and_export():
 
 
 def test_bench_rows_have_every_implementation():
-    from sparsenets import bench_sparse
+    from sparsenets.bench import sparse as bench_sparse
 
     cases = [bench_sparse.SparseCase("unstructured", 0.9, 3, mode, (16, 8)) for mode in bench_sparse.MODES]
     cases.append(bench_sparse.SparseCase("2:4", 0.5, 2, "forward", (16, 8)))

@@ -141,7 +141,7 @@ def _main(args: argparse.Namespace) -> int:
 def _suite(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .. import bench_suite
+    from ..bench import suite as bench_suite
 
     rows = bench_suite.run(repeats=3 if args.quick else args.repeats, quick=args.quick)
     console = Console() if Console().is_terminal else Console(width=200)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .utils import timing
+from ..utils import timing
 
 MODELS = ("mlp", "llama")
 
@@ -53,7 +53,7 @@ def compressed(model: nn.Module, x: torch.Tensor, sparsity: float, block: int = 
                autotune: bool = True) -> nn.Module:
     """``model`` pruned to ``block:{block}x{block}`` at ``sparsity`` and compressed (a new model);
     ``autotune=False`` takes compress's density rule instead of timing each layer."""
-    from . import compress, sparsify_
+    from .. import compress, sparsify_
 
     pruned = sparsify_(copy.deepcopy(model), {"sparsity": sparsity, "pattern": f"block:{block}x{block}",
                                                "module_types": ["Linear"]})

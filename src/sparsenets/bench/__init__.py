@@ -1,4 +1,9 @@
-"""``sparsenets bench``: how much faster a block-sparse layer runs than the dense one.
+"""``sparsenets bench``: how much faster sparse layers run than dense ones.
+
+This module times one block-sparse Linear layer against dense and other sparse formats; its
+neighbours time convolutions (:mod:`.conv`), unstructured and N:M layers (:mod:`.sparse`) and
+whole compressed transformer blocks (:mod:`.end_to_end`), and :mod:`.suite` puts every kernel
+beside its goal in one table (``sparsenets bench --suite``).
 
 Each case is a Linear weight (``out × in``) whose blocks are kept at random to an exact
 sparsity. Side by side, in one process and with the same weight, it times: dense
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .utils import timing
+from ..utils import timing
 
 IMPLEMENTATIONS = ("dense", "torch-bsr", "torch-csr", "sparsenets", "sparselab")
 MODES = ("forward", "forward+backward")
@@ -86,7 +91,7 @@ def _torch_sparse(layout: str) -> Callable[..., Step | str]:
 
 
 def _sparsenets(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:
-    from .layers import BlockSparseLinear
+    from ..layers import BlockSparseLinear
 
     layer = BlockSparseLinear.from_dense(weight, mask, None, block)
     x = x.clone().requires_grad_(backward)
@@ -180,7 +185,7 @@ def run(cases: list[Case], block: tuple[int, int], impls: list[str], repeats: in
 
 
 def machine() -> dict:
-    from .kernels import cpu
+    from ..kernels import cpu
 
     return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "kernels": cpu.describe(),

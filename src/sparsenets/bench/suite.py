@@ -3,7 +3,7 @@
 The rows: block-sparse Linear (2048², 32×32, 8×8 and 4×4 blocks, batch 512 and 1, forward and
 forward + backward), block-sparse Conv2d against ``nn.Conv2d``, N:M and unstructured Linear
 against dense ``F.linear`` (torch CSR beside them), and whole compressed transformer blocks
-(:mod:`sparsenets.bench_e2e`) at one thread and at all of them. Each row comes from one
+(:mod:`sparsenets.bench.end_to_end`) at one thread and at all of them. Each row comes from one
 interleaved timing of dense and sparse (:mod:`sparsenets.utils.timing`), so the speedup is a
 ratio measured under the same conditions. ``goal`` is the speedup the kernels aim for on a
 2-core x86 machine at 2 threads (None: reported, no goal).
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import Case, measure
+from . import Case, measure
 
 LINEAR_SHAPE = (2048, 2048)
 
@@ -62,7 +62,7 @@ def linear_rows(repeats: int, goals: tuple[LinearGoal, ...] = LINEAR_GOALS) -> l
 
 
 def end_to_end_rows(repeats: int, threads: list[int]) -> list[dict]:
-    from .bench_e2e import rows as e2e
+    from .end_to_end import rows as e2e
 
     out = []
     for r in e2e(threads, repeats=repeats):
@@ -83,8 +83,8 @@ def _peers(found: dict) -> dict[str, float]:
 
 def conv_rows(repeats: int, quick: bool = False) -> list[dict]:
     """Block-sparse Conv2d (32×32 blocks) against nn.Conv2d; the im2col path beside it."""
-    from .bench_conv import ConvCase
-    from .bench_conv import measure as measure_conv
+    from .conv import ConvCase
+    from .conv import measure as measure_conv
 
     cases: list[tuple[ConvCase, float | None]] = [(ConvCase((256, 256), 3, (28, 28), 32, 0.9), 3.0)]
     if not quick:
@@ -101,8 +101,8 @@ def conv_rows(repeats: int, quick: bool = False) -> list[dict]:
 
 def sparse_rows(repeats: int, quick: bool = False) -> list[dict]:
     """Unstructured (CSR) and N:M Linear 2048² against dense; torch CSR (and SparseLab) beside them."""
-    from .bench_sparse import SparseCase
-    from .bench_sparse import measure as measure_sparse
+    from .sparse import SparseCase
+    from .sparse import measure as measure_sparse
 
     cases: list[tuple[SparseCase, float | None]] = [(SparseCase("unstructured", 0.95, 512), 2.0)]
     if not quick:

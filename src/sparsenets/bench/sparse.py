@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers.csr import CSRLinear
-from .layers.nm import NMSparseLinear
-from .patterns import parse_pattern
-from .utils import timing
+from ..layers.csr import CSRLinear
+from ..layers.nm import NMSparseLinear
+from ..patterns import parse_pattern
+from ..utils import timing
+from . import layer_step
 
 MODES = ("forward", "forward+backward")
 MIN_ROUNDS = 3
-Step = Callable[[], object]
 Forward = Callable[[Tensor], Tensor]
 # Builds another library's layer from (weight, bias): its forward and its trainable tensors.
 Peer = Callable[[Tensor, Tensor], tuple[Forward, list[Tensor]]]
@@ -97,18 +97,6 @@ def _torch_csr(weight: Tensor, bias: Tensor) -> tuple[Forward, list[Tensor]]:
     return lambda x: _TorchCSR.apply(x, values, bias, sparse), [values, bias]
 
 
-def _step(forward: Callable[[Tensor], Tensor], x: Tensor, leaves: list[Tensor], backward: bool) -> Step:
-    if not backward:
-        return lambda: forward(x)
-    x = x.clone().requires_grad_()
-
-    def step():
-        for leaf in (x, *leaves):
-            leaf.grad = None
-        forward(x).sum().backward()
-    return step
-
-
 def _leaves(module: nn.Module) -> list[Tensor]:
     return list(module.parameters())
 
@@ -139,7 +127,7 @@ def measure(case: SparseCase, repeats: int = 7, warmup: int = 1, budget_s: float
     generator = torch.Generator().manual_seed(seed)
     backward = case.mode == "forward+backward"
     x = torch.randn(case.batch, case.shape[1], generator=generator)
-    steps = {name: _step(forward, x, leaves, backward)
+    steps = {name: layer_step(forward, x, leaves, backward)
              for name, (forward, leaves) in implementations(case, generator, peers).items()}
     with torch.enable_grad() if backward else torch.inference_mode():
         timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,

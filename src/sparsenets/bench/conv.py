@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bench import block_mask, layer_step
-from .compression.pipeline import CompressReport
-from .layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d
-from .utils import timing
+from ..compression.pipeline import CompressReport
+from ..layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d
+from ..utils import timing
+from . import block_mask, layer_step
 
 IMPLEMENTATIONS = ("dense", "sparsenets", "unfold")
 MODES = ("forward", "forward+backward")
