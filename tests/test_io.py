@@ -91,6 +91,24 @@ def test_kernel_layers_come_back_as_kernel_layers(tmp_path, monkeypatch) -> None
         assert torch.equal(a.values, b.values)
 
 
+def test_n_m_layers_come_back_as_n_m_layers(tmp_path, monkeypatch) -> None:
+    from sparsenets.compression import choose
+    from sparsenets.layers import NMSparseLinear
+
+    monkeypatch.setattr(choose, "rule", lambda module, pattern, kinds: "nm" if "nm" in kinds else "dense")
+    compressed = sn.compress(_sparse_mlp("2:4", 0.5), torch.randn(4, 20), autotune=False)
+    path = sn.save(compressed, tmp_path / "c.safetensors")
+    loaded = sn.load(path)
+    before = [m for m in compressed.modules() if isinstance(m, NMSparseLinear)]
+    after = [m for m in loaded.modules() if isinstance(m, NMSparseLinear)]
+    assert len(after) == len(before) > 0
+    for a, b in zip(after, before):
+        assert (a.n, a.m) == (b.n, b.m) == (2, 4)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+    x = torch.randn(7, 20)
+    _assert_close(loaded(x), compressed(x))
+
+
 def test_channel_pruned_convnet_rebuilds_with_its_new_sizes(tmp_path) -> None:
     model = convnet()
     sn.sparsify_(model, {"sparsity": 0.5, "pattern": "channel"})

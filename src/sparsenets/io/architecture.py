@@ -180,6 +180,10 @@ def sparse_layer(dense: nn.Module, spec: dict, mask: Tensor) -> nn.Module:
         from ..layers.csr import CSRLinear
 
         return CSRLinear.from_dense(weight, mask, bias)
+    if kind == "NMSparseLinear":
+        from ..layers.nm import NMSparseLinear
+
+        return NMSparseLinear.from_dense(weight, mask, bias, int(spec["n"]), int(spec["m"]))
     from ..layers import block_sparse
 
     if kind == "BlockSparseLinear":

@@ -64,6 +64,8 @@ def _replacement_state(path: str, module: Any) -> tuple[dict[str, Tensor], dict[
     spec: dict[str, Any] = {"kind": type(module).__name__}
     if hasattr(module, "block"):
         spec["block"] = list(module.block)
+    if type(module).__name__ == "NMSparseLinear":
+        spec["n"], spec["m"] = module.n, module.m
     return state, {f"{prefix}weight": mask}, spec
 
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .build import BuildError, load
+from .build import load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _IN = [_i64, _ptr, _i64, _i64]  # rows, data, row stride, column stride
@@ -36,11 +34,8 @@ WORK_PER_THREAD = 100_000
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) when they cannot be built here."""
-    try:
-        lib = load(Path(__file__).with_name("gather.c"))
-    except (BuildError, OSError) as err:
-        warnings.warn(f"sparsenets: unstructured and N:M CPU kernels unavailable, using the slower torch "
-                      f"fallback ({err})", RuntimeWarning, stacklevel=3)
+    lib = load_or_warn("gather.c", "unstructured and N:M layers use the slower torch fallback")
+    if lib is None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
