@@ -150,7 +150,7 @@ def test_inputs_wider_than_the_cache_split_into_row_groups_and_batch_chunks(bloc
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("rows", [1, 3, 7])
 def test_inference_with_few_rows_matches_dense(block, rows):
-    """Without grad, few rows stream the cached panels (blocks a whole vector wide) or read W as stored."""
+    """Without grad, few rows read W as stored (the batch-1 kernel), with the bias."""
     layout = random_layout(150, 330, block, 0.4)
     values, x, bias = torch.randn(layout.nnz, *block), torch.randn(rows, 330), torch.randn(150)
     with torch.no_grad():

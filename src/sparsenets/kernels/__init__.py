@@ -94,9 +94,26 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _plain_cpu_inference(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None) -> bool:
+    """Whether this call can go straight to the C kernels: eager fp32 inference on CPU with a 2-D
+    input whose rows are contiguous, nothing wanting a gradient, no autocast. A batch-1 product
+    takes tens of microseconds, so the general checks of :func:`block_sparse_linear` would cost
+    as much as the product; these are the same decisions in their cheapest form."""
+    f32 = torch.float32
+    return (type(x) is Tensor and x.dim() == 2 and x.is_cpu and x.dtype is f32 and x.stride(1) == 1
+            and x.shape[1] == layout.in_features and values.is_cpu and values.dtype is f32
+            and values.is_contiguous() and values.shape == (layout.nnz, *layout.block)
+            and (bias is None or (bias.is_cpu and bias.dtype is f32 and bias.is_contiguous()))
+            and not eager.wants_grad(x, values, bias) and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and cpu.available()
+            and os.environ.get("SPARSENETS_KERNELS", "").lower() != "torch")
+
+
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None = None,
                         backend: str = "auto") -> Tensor:
     """``x (..., in) -> (..., out)``: the product with the block-sparse weight, plus ``bias``."""
+    if backend in ("auto", "cpu") and _plain_cpu_inference(x, values, layout, bias):
+        return cpu.linear(x, values, layout, bias)
     if x.shape[-1] != layout.in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
                          f"the layer expects {layout.in_features}")

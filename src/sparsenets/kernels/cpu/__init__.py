@@ -40,11 +40,6 @@ def library() -> ctypes.CDLL | None:
     lib.bsp_gemv.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
                              _ptr, _ptr, _ptr, _ptr, _int]
     lib.bsp_gemv.restype = None
-    lib.bsp_gemv_panels.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
-                                    _ptr, _ptr, _ptr, _ptr, _int]
-    lib.bsp_gemv_panels.restype = None
-    lib.bsp_panels_fit_gemv.argtypes = [_i64]
-    lib.bsp_panels_fit_gemv.restype = _int
     lib.bsp_vector_width.restype = _int
     lib.bsp_tile_rows.restype = _int
     lib.bsp_isa.restype = ctypes.c_char_p
@@ -149,24 +144,15 @@ def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None =
     """``x (rows, in) -> x · Wᵀ + bias (rows, out)``."""
     r, c = layout.block
     rows = x.shape[0]
-    panels = _cached_panels(values, layout)
     if 0 < rows < GEMV_ROWS:
         out = x.new_empty(rows, layout.out_features)
-        lib = _loaded()
-        # Inference streams the packed panels in order; else W is read as stored.
-        gemv, weights = ((lib.bsp_gemv_panels, panels) if panels is not None and _panels_fit_gemv(r)
-                         else (lib.bsp_gemv, values))
-        gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(), layout.out_features,
-             layout.out_features, r, c, layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), weights.data_ptr(),
-             None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
+        _loaded().bsp_gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
+                           layout.out_features, layout.out_features, r, c, layout.row_ptr.data_ptr(),
+                           layout.col_idx.data_ptr(), values.data_ptr(),
+                           None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
         return out
     return _spmm(x, layout.in_features, layout.out_features, c, r, layout.row_ptr, layout.col_idx,
-                 None, values, True, bias, panels)
-
-
-@functools.cache
-def _panels_fit_gemv(out_block: int) -> bool:
-    return bool(_loaded().bsp_panels_fit_gemv(out_block))
+                 None, values, True, bias, _cached_panels(values, layout))
 
 
 def input_grad(grad_out: Tensor, values: Tensor, layout: BlockLayout) -> Tensor:

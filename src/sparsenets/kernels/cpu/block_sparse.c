@@ -664,60 +664,6 @@ void bsp_gemv(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 
     }
 }
 
-/* ---- Few rows against packed panels ---------------------------------------------------- */
-
-/* nv vectors of one output block for one input row: the panel streams past once, in order,
- * each k's weights scaled by one input value. Four partial sums per vector hide the FMA
- * latency (one chain would wait on each add). */
-static ALWAYS_INLINE void panel_row(const int nv, i64 n_e, const i64 *in_blk, i64 ib, i64 in_dim,
-                                    const float *x, const float *p, i64 obp, float *y, i64 n_valid,
-                                    const float *bias)
-{
-    vec acc[4][2];
-    for (int s = 0; s < 4; s++)
-        for (int v = 0; v < nv; v++) acc[s][v] = (vec){0};
-    for (i64 e = 0; e < n_e; e++) {
-        i64 k0 = in_blk[e] * ib, kmax = MIN(ib, in_dim - k0), k = 0;
-        const float *xe = x + k0, *pe = p + e * ib * obp;
-        for (; k + 4 <= kmax; k += 4)
-            for (int s = 0; s < 4; s++)
-                for (int v = 0; v < nv; v++) acc[s][v] += *(const vec *)(pe + (k + s) * obp + v * VW) * xe[k + s];
-        for (; k < kmax; k++)
-            for (int v = 0; v < nv; v++) acc[0][v] += *(const vec *)(pe + k * obp + v * VW) * xe[k];
-    }
-    for (int v = 0; v < nv; v++) {
-        vec sum = acc[0][v] + acc[1][v] + acc[2][v] + acc[3][v];
-        for (i64 t = 0; t < VW && v * VW + t < n_valid; t++) y[v * VW + t] = sum[t] + (bias ? bias[v * VW + t] : 0.0f);
-    }
-}
-
-/* Out[rows × out_dim] = In · Wᵀ (+ bias) for a few rows, from the forward panels of
- * bsp_pack_panels (transposed); output blocks must be a whole number of vectors wide. */
-void bsp_gemv_panels(i64 rows, const float *in, i64 ld_in, i64 in_dim, float *out, i64 ld_out,
-                     i64 out_dim, i64 r, i64 c, const i64 *ptr, const i64 *in_blk,
-                     const float *panels, const float *bias, int n_threads)
-{
-    i64 ib = c, ob = r; /* W's r × c blocks, as bsp_gemv takes them */
-    i64 n_ob = (out_dim + ob - 1) / ob, obp = padded_side(ob);
-    /* static: each thread reads the same panels every call, so they stay in its caches */
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (i64 o = 0; o < n_ob; o++) {
-        i64 out0 = o * ob, n_out = MIN(ob, out_dim - out0), n_e = ptr[o + 1] - ptr[o];
-        const float *panel = panels + ptr[o] * ib * obp;
-        for (i64 b = 0; b < rows; b++)
-            for (i64 t0 = 0; t0 < n_out; t0 += 2 * VW) {
-                const float *bias_t = bias ? bias + out0 + t0 : NULL;
-                float *y = out + b * ld_out + out0 + t0;
-                if (obp - t0 >= 2 * VW)
-                    panel_row(2, n_e, in_blk + ptr[o], ib, in_dim, in + b * ld_in, panel + t0, obp, y, n_out - t0, bias_t);
-                else
-                    panel_row(1, n_e, in_blk + ptr[o], ib, in_dim, in + b * ld_in, panel + t0, obp, y, n_out - t0, bias_t);
-            }
-    }
-}
-
-int bsp_panels_fit_gemv(i64 ob) { return padded_side(ob) % VW == 0; }
-
 /* ---- G[e] = dY[:, rows(e)]ᵀ · X[:, cols(e)] ------------------------------------------------ */
 
 /* The batch is taken in chunks whose packed inputs fit in L2: for each chunk, X is copied
