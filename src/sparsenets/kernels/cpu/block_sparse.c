@@ -209,6 +209,10 @@ void bsp_pack_panels(i64 n_entries, const i64 *blk, const float *values, i64 ib,
                 }
             continue;
         }
+        if (!transposed && obp == ob) { /* rows already whole vectors: one copy of the block */
+            memcpy(dst, v, ib * ob * sizeof(float));
+            continue;
+        }
         for (i64 k = 0; k < ib; k++) {
             float *row = dst + k * obp;
             if (transposed)
