@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import os
 import platform
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,26 @@ def layer_step(forward: Callable[[Tensor], Tensor], x: Tensor, leaves: list[Tens
         x = x.clone().requires_grad_()
         leaves = [x, *leaves]
     return _step(functools.partial(forward, x), leaves, backward)
+
+
+def speedups(timings: timing.Timings) -> dict:
+    """Median ms, rounds and speedups over ``"dense"`` of a timing, as the benchmark rows carry them."""
+    ms = timings.median_ms()
+    return {"ms": ms, "rounds": {name: len(t) for name, t in timings.seconds.items()},
+            "speedup": {name: ms["dense"] / t for name, t in ms.items()},
+            # the median of per-round ratios: robust to rounds that stalled on other processes' load
+            "paired_speedup": {name: statistics.median(timings.ratios("dense", name)) for name in ms}}
+
+
+def at_threads(threads: int | None, run: Callable[[], list[dict]]) -> list[dict]:
+    """``run()`` with torch set to ``threads`` threads (None: as set), the setting restored after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _dense(weight: Tensor, mask: Tensor, block, sparsity, x: Tensor, backward: bool) -> Step | str:

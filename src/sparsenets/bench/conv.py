@@ -10,7 +10,6 @@ rounds (:mod:`sparsenets.utils.timing`); each figure is the median over the roun
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from ..compression.pipeline import CompressReport
 from ..layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d
 from ..utils import timing
-from . import block_mask, layer_step
+from . import at_threads, block_mask, layer_step, speedups
 
 IMPLEMENTATIONS = ("dense", "sparsenets", "unfold")
 MODES = ("forward", "forward+backward")
@@ -89,15 +88,11 @@ def measure(case: ConvCase, repeats: int = 5, warmup: int = 1, budget_s: float =
     with torch.enable_grad() if backward else torch.inference_mode():
         timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,
                                      candidate_budget_s=budget_s)
-    ms = timings.median_ms()
     return {
         "layer": case.label, "channels": list(case.channels), "kernel": case.kernel, "spatial": list(case.spatial),
         "batch": case.batch, "pattern": f"block:{case.block[0]}x{case.block[1]}", "sparsity": case.sparsity,
-        "density": sparse.density, "mode": case.mode, "threads": torch.get_num_threads(), "ms": ms,
-        "rounds": {name: len(t) for name, t in timings.seconds.items()},
-        "speedup": {name: ms["dense"] / t for name, t in ms.items()},
-        # the median of per-round ratios: robust to rounds that stalled on other processes' load
-        "paired_speedup": {name: statistics.median(timings.ratios("dense", name)) for name in ms},
+        "density": sparse.density, "mode": case.mode, "threads": torch.get_num_threads(),
+        **speedups(timings),
     }
 
 
@@ -105,13 +100,8 @@ def rows(threads: int | None = None, repeats: int = 5, cases: list[ConvCase] | N
          warmup: int = 1, budget_s: float = 3.0, impls: tuple[str, ...] = IMPLEMENTATIONS) -> list[dict]:
     """One row per case (default: :func:`default_cases`), on ``threads`` threads (default: as set),
     timing dense and ``impls``."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return [measure(case, repeats, warmup, budget_s, impls=impls) for case in cases or default_cases()]
-    finally:
-        torch.set_num_threads(previous)
+    return at_threads(threads, lambda: [measure(case, repeats, warmup, budget_s, impls=impls)
+                                        for case in cases or default_cases()])
 
 
 def ideal(row: dict) -> float:

@@ -12,7 +12,6 @@ median over the rounds.
 
 from __future__ import annotations
 
-import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..layers.csr import CSRLinear
 from ..layers.nm import NMSparseLinear
 from ..patterns import parse_pattern
 from ..utils import timing
-from . import layer_step
+from . import at_threads, layer_step, speedups
 
 MODES = ("forward", "forward+backward")
 MIN_ROUNDS = 3
@@ -132,14 +131,10 @@ def measure(case: SparseCase, repeats: int = 7, warmup: int = 1, budget_s: float
     with torch.enable_grad() if backward else torch.inference_mode():
         timings = timing.interleaved(steps, rounds=repeats, warmup=warmup, min_rounds=MIN_ROUNDS,
                                      candidate_budget_s=budget_s)
-    ms = timings.median_ms()
     return {
         "pattern": case.pattern, "sparsity": 1 - case.density, "batch": case.batch, "mode": case.mode,
-        "shape": list(case.shape), "threads": torch.get_num_threads(), "ms": ms,
-        "rounds": {name: len(t) for name, t in timings.seconds.items()},
-        "speedup": {name: ms["dense"] / t for name, t in ms.items()},
-        # the median of per-round ratios: robust to rounds that stalled on other processes' load
-        "paired_speedup": {name: statistics.median(timings.ratios("dense", name)) for name in ms},
+        "shape": list(case.shape), "threads": torch.get_num_threads(),
+        **speedups(timings),
     }
 
 
@@ -147,13 +142,8 @@ def rows(threads: int | None = None, repeats: int = 7, cases: list[SparseCase] |
          warmup: int = 1, budget_s: float = 3.0, peers: dict[str, Peer] | None = None) -> list[dict]:
     """One row per case (default: :func:`default_cases`), on ``threads`` threads (default: as set),
     timing ``peers`` (name: builder) beside the built-in implementations."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return [measure(case, repeats, warmup, budget_s, peers=peers) for case in cases or default_cases()]
-    finally:
-        torch.set_num_threads(previous)
+    return at_threads(threads, lambda: [measure(case, repeats, warmup, budget_s, peers=peers)
+                                        for case in cases or default_cases()])
 
 
 __all__ = ["MODES", "Peer", "SparseCase", "default_cases", "implementations", "measure", "rows"]

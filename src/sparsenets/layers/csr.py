@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import csr
+from .kept_linear import KeptLinear
 
 
-class CSRLinear(nn.Module):
+class CSRLinear(KeptLinear):
     """``y = x Wᵀ + b`` with ``W`` (``out × in``) stored as CSR; ``x`` is ``(..., in)``."""
 
     crow_indices: Tensor  # buffers
@@ -86,19 +87,9 @@ class CSRLinear(nn.Module):
         return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, ones,
                                        (self.out_features, self.in_features), check_invariants=False).to_dense()
 
-    @property
-    def weight(self) -> Tensor:
-        """A dense copy, for code that reads ``layer.weight`` (slow; the forward never uses it)."""
-        return self.dense_weight()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
-                             f"the layer expects {self.in_features}")
-        lead = x.shape[:-1]
-        y = csr.linear(x.reshape(-1, self.in_features), self.values, self.bias, self.crow_indices,
-                       self.col_indices, self.out_features, self.in_features)
-        return y.reshape(*lead, self.out_features)
+    def _product(self, x: Tensor) -> Tensor:
+        return csr.linear(x, self.values, self.bias, self.crow_indices, self.col_indices, self.out_features,
+                          self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import nm
+from .kept_linear import KeptLinear
 
 
-class NMSparseLinear(nn.Module):
+class NMSparseLinear(KeptLinear):
     """``y = x Wᵀ + b`` with ``W`` (``out × in``) N:M sparse along its inputs; ``x`` is ``(..., in)``."""
 
     indices: Tensor  # buffer
@@ -74,18 +75,8 @@ class NMSparseLinear(nn.Module):
         ones = torch.ones_like(self.values, dtype=torch.bool)
         return nm.dense(ones, self.indices, self.n, self.m, self.in_features)
 
-    @property
-    def weight(self) -> Tensor:
-        """A dense copy, for code that reads ``layer.weight`` (slow; the forward never uses it)."""
-        return self.dense_weight()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, "
-                             f"the layer expects {self.in_features}")
-        lead = x.shape[:-1]
-        y = nm.linear(x.reshape(-1, self.in_features), self.values, self.bias, self.indices, self.n, self.m)
-        return y.reshape(*lead, self.out_features)
+    def _product(self, x: Tensor) -> Tensor:
+        return nm.linear(x, self.values, self.bias, self.indices, self.n, self.m)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
