@@ -32,7 +32,12 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", type=Path, help="the file sparsenets bench --suite --json wrote")
-    print(markdown(json.loads(parser.parse_args().json.read_text())))
+    path = parser.parse_args().json
+    try:
+        result = json.loads(path.read_text())
+        print(markdown(result))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"{path} is not a result of sparsenets bench --suite --json ({type(err).__name__}: {err})")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,9 @@ def test_suite_is_in_the_help(capsys):
         main(["bench", "--help"])
     out = capsys.readouterr().out
     assert "--suite" in out and "AVX-512" in out
+
+
+def test_quick_without_suite_is_refused():
+    with pytest.raises(SystemExit) as refused:
+        main(["bench", "--quick"])
+    assert "--suite" in str(refused.value)

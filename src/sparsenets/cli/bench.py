@@ -117,6 +117,8 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.suite:
         return _suite(args)
+    if args.quick:
+        raise SystemExit("sparsenets bench: --quick goes with --suite (the suite's smoke test)")
     impls = ["dense"] + [name for name in args.impls if name != "dense"]
     cases = [Case(shape, sparsity, batch, mode) for shape in args.shapes for batch in args.batches
              for mode in args.modes for sparsity in args.sparsities]
