@@ -87,8 +87,9 @@ GEMV_ROWS = int(os.environ.get("SPARSENETS_GEMV_ROWS", 8))
 _WORK_PER_THREAD = 1 << 17
 
 
-def _threads(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
+def threads_for(work: int, per_thread: int = _WORK_PER_THREAD) -> int:
+    """Threads for ``work`` multiply-adds: ``torch.get_num_threads()``, at most one per ``per_thread``."""
+    return max(1, min(torch.get_num_threads(), work // per_thread))
 
 
 # SPARSENETS_PANEL_CACHE=0 packs the forward panels on every call instead (saves their memory).
@@ -114,7 +115,7 @@ def _cached_panels(values: Tensor, layout: BlockLayout) -> Tensor | None:
     lib = _loaded()
     panels = values.new_empty(lib.bsp_panel_floats(layout.nnz, c, r))
     lib.bsp_pack_panels(layout.nnz, None, values.data_ptr(), c, r, 1, panels.data_ptr(),
-                        _threads(values.numel()))
+                        threads_for(values.numel()))
     if hit is None or hit[0]() is not values:
         weakref.finalize(values, _PANELS.pop, id(values), None)
     _PANELS[id(values)] = (weakref.ref(values), key, panels)
@@ -134,7 +135,7 @@ def _spmm(inp: Tensor, in_dim: int, out_dim: int, in_block: int, out_block: int,
         in_block, out_block, ptr.data_ptr(), in_blk.data_ptr(),
         None if blk is None else blk.data_ptr(), values.data_ptr(), int(transposed),
         None if panels is None else panels.data_ptr(), None if bias is None else bias.data_ptr(),
-        _threads(work))
+        threads_for(work))
     if status != 0:
         raise MemoryError(f"block-sparse kernel could not allocate its buffers for {rows} rows")
     return out
@@ -149,7 +150,7 @@ def linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Tensor | None =
         _loaded().bsp_gemv(rows, x.data_ptr(), x.stride(0), layout.in_features, out.data_ptr(),
                            layout.out_features, layout.out_features, r, c, layout.row_ptr.data_ptr(),
                            layout.col_idx.data_ptr(), values.data_ptr(),
-                           None if bias is None else bias.data_ptr(), _threads(rows * layout.nnz * r * c))
+                           None if bias is None else bias.data_ptr(), threads_for(rows * layout.nnz * r * c))
         return out
     return _spmm(x, layout.in_features, layout.out_features, c, r, layout.row_ptr, layout.col_idx,
                  None, values, True, bias, _cached_panels(values, layout))
@@ -171,7 +172,7 @@ def values_grad(grad_out: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
             x.shape[0], grad_out.data_ptr(), grad_out.stride(0), x.data_ptr(), x.stride(0),
             layout.out_features, layout.in_features, r, c, layout.nnz,
             layout.row_idx.data_ptr(), layout.col_idx.data_ptr(), grad.data_ptr(),
-            _threads(x.shape[0] * layout.nnz * r * c))
+            threads_for(x.shape[0] * layout.nnz * r * c))
         if status != 0:
             raise MemoryError(f"block-sparse kernel could not allocate its buffers for {x.shape[0]} rows")
     return grad

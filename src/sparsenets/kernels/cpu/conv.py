@@ -11,10 +11,10 @@ from __future__ import annotations
 import ctypes
 import functools
 
-import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from . import threads_for
 from .build import load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -23,6 +23,7 @@ Padding = tuple[int, int, int, int]  # top, bottom, left, right
 
 # Multiply-adds worth another thread: fork-joins cost up to a time slice on a busy machine.
 _WORK_PER_THREAD = 1 << 18
+_threads = functools.partial(threads_for, per_thread=_WORK_PER_THREAD)
 
 
 @functools.cache
@@ -73,10 +74,6 @@ def _dims(x_shape, layout: BlockLayout, kernel: Pair, dilation: Pair, padding: P
     """The shape as the kernels take it: n, C, H, W, out, kh, kw, dh, dw, pt, pb, pl, pr, r, c."""
     n, channels, height, width = x_shape
     return (_i64 * 15)(n, channels, height, width, layout.out_features, *kernel, *dilation, *padding, *layout.block)
-
-
-def _threads(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // _WORK_PER_THREAD))
 
 
 def _work(n: int, layout: BlockLayout, pixels: int) -> int:

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
+from . import threads_for
 from .build import load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -29,6 +30,7 @@ _SIGNATURES = {
 # Multiply-adds worth a second thread: below this a fork-join (microseconds idle, up to a
 # scheduler slice on a busy machine) costs more than it saves.
 WORK_PER_THREAD = 100_000
+_threads = functools.partial(threads_for, per_thread=WORK_PER_THREAD)
 
 
 @functools.cache
@@ -63,8 +65,6 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _threads(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // WORK_PER_THREAD))
 
 
 def _input(t: Tensor) -> list:
