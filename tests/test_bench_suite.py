@@ -50,3 +50,22 @@ def test_quick_without_suite_is_refused():
     with pytest.raises(SystemExit) as refused:
         main(["bench", "--quick"])
     assert "--suite" in str(refused.value)
+
+
+def test_training_bench_times_every_mode_and_keeps_the_models_sparse():
+    from sparsenets.bench import training
+
+    masks = training.mask_cost(sparsities=(0.5,), batch=4, rounds=1, models=("transformer",))
+    assert [(r["model"], r["sparsity"]) for r in masks] == [("transformer", 0.5)]
+    assert masks[0]["masked_ms"] > 0 and masks[0]["masked_over_dense"] > 0
+    rows = training.rigl_steps(sparsities=(0.5, 0.75), width=64, batch=8, block=16, rounds=1)
+    assert [r["sparsity"] for r in rows] == [0.5, 0.75]
+    for row in rows:
+        for mode in ("masked", "fast"):
+            assert row[f"{mode}_ms"] > 0 and row[f"{mode}_speedup"] > 0
+            assert 0 < row[f"{mode}_update_share"] < 1
+
+
+def test_training_bench_command_refuses_two_tables_at_once(capsys):
+    with pytest.raises(SystemExit, match="one of --suite and --training"):
+        main(["bench", "--suite", "--training"])

@@ -216,5 +216,30 @@ def test_sharded_model_refuses_criteria_that_run_a_copy(states):
     assert "'snip'" in message and "fully_shard" in message
 
 
+# ---- fast mode: block-sparse layers whose layouts every rank rewires alike --------------------------------
+
+FAST_CONFIG = {"sparsity": 0.75, "pattern": "block:4x4", "allocation": "uniform"}
+SCENARIOS["rigl_fast"] = lambda model, data: sn.RigL(model, FAST_CONFIG, update_every=5, drop_fraction=0.5,
+                                                     mode="fast")
+NO_BUFFER_SYNC.add("rigl_fast")  # the layouts must agree by themselves, not because DDP copies rank 0's buffers
+
+
+def test_fast_rigl_ranks_end_with_identical_block_layouts_and_values(states):
+    rank0, rank1 = states("rigl_fast")
+    assert differing(rank0, rank1) == {}  # values, biases, row_ptr and col_idx of every layer
+    layers = sorted(k.removesuffix(".col_idx") for k in rank0 if k.endswith(".col_idx"))
+    assert layers == ["0", "2", "4"]
+    assert not any(k.endswith((".mask", ".original")) for k in rank0)  # trained block-sparse, not masked
+    for name in layers:
+        assert rank0[f"{name}.values"].shape[0] == rank0[f"{name}.col_idx"].numel() == rank0[f"{name}.row_ptr"][-1]
+    # the updates moved blocks: rank 0's starting layout (every rank's) is not the final one
+    torch.manual_seed(100)
+    start = mlp()
+    SCENARIOS["rigl_fast"](start, rank_data(0))
+    initial = start.state_dict()
+    assert all(initial[f"{name}.col_idx"].numel() == rank0[f"{name}.col_idx"].numel() for name in layers)
+    assert any(not torch.equal(initial[f"{name}.col_idx"], rank0[f"{name}.col_idx"]) for name in layers)
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))

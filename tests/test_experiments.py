@@ -486,3 +486,70 @@ def test_a_protocol_registered_in_one_place_runs_and_reports(tmp_path):
     finally:
         PROTOCOLS.pop("wider_test", None)
         ARMS.pop("wide_test", None)
+
+
+# ---- sparse training in masked and fast mode, and time to accuracy ------------------------------------------
+
+
+def dst_recipe(pattern: str = "block:4x4", modes=("masked", "fast")) -> dict:
+    train = {"optimizer": "sgd", "lr": 0.05, "epochs": 2, "batch_size": 64, "eval_every": 2}
+    return tiny_recipe(seeds=[0], train=train,
+                       method={"name": "sparse_training", "algorithms": ["static", "rigl"], "modes": list(modes),
+                               "sparsities": [0.5], "update_every": 2, "drop_fraction": 0.3},
+                       sparsity={"pattern": pattern, "criterion": "random", "allocation": "erk"})
+
+
+def test_fast_mode_arms_train_block_sparse_layers_and_are_timed(tmp_path):
+    out = tmp_path / "run"
+    results = run_recipe(load_recipe(dst_recipe()), out)
+    jobs = {r["arm"]: r for r in results["jobs"]}
+    assert list(jobs) == ["dense", "static", "rigl", "static_fast", "rigl_fast"]
+    for name in ("static", "rigl"):  # the same mask, counted on the trained network in both modes
+        assert jobs[f"{name}_fast"]["remaining"] == pytest.approx(jobs[name]["remaining"], abs=0.02)
+        assert jobs[f"{name}_fast"]["remaining"] < 0.75 and set(jobs[f"{name}_fast"]["layers"]) == {"fc1", "fc2", "fc3"}
+        assert 0.0 <= jobs[f"{name}_fast"]["test_accuracy"] <= 1.0
+    checkpoint = torch.load(out / "checkpoints" / "seed0-rigl_fast-01.pt", weights_only=True)
+    assert any(key.endswith("values") for key in checkpoint["weights"])  # the block-sparse layers' kept blocks
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for job in jobs.values():  # 8 steps, an evaluation every 2: seconds grow, evaluations excluded
+        seconds = [row["seconds"] for row in metrics if row["job"] == job["key"]]
+        assert len(seconds) == 4 and 0 < seconds[0] and all(a < b for a, b in zip(seconds, seconds[1:]))
+    assert (out / "plots" / "accuracy_vs_time.png").stat().st_size > 0
+    assert "RigL (fast)" in (out / "report.md").read_text()
+
+
+def test_trainer_history_rows_count_training_seconds():
+    data = load_dataset("teacher", train_samples=256, test_samples=64, inputs=12, classes=4)
+    model = build_model("lenet_300_100", data.input_shape, data.num_classes, hidden=[16])
+    history = Trainer(model, data, TrainConfig(epochs=3, batch_size=64, eval_every=3)).fit()
+    assert [row["step"] for row in history] == [3, 6, 9, 12]
+    seconds = [row["seconds"] for row in history]
+    assert 0 < seconds[0] and all(a < b for a, b in zip(seconds, seconds[1:]))
+
+
+@pytest.mark.parametrize("sparsity, pattern", [
+    ({"pattern": "unstructured"}, "'unstructured'"),
+    ({"pattern": "block:4x4", "overrides": {"fc1": {"pattern": "unstructured"}}}, "'unstructured'"),
+])
+def test_fast_mode_without_a_block_pattern_is_refused_at_validation(tmp_path, sparsity, pattern):
+    recipe = dst_recipe()
+    recipe["sparsity"] = {"criterion": "random", "allocation": "erk", **sparsity}
+    with pytest.raises(RecipeError, match=f"modes: fast .*block:RxC pattern.* is {pattern}"):
+        run_recipe(load_recipe(recipe), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    load_recipe(dst_recipe(sparsity["pattern"], modes=["masked"]))  # masked mode takes it
+
+
+def test_sparse_training_recipes_without_modes_keep_their_arms_and_resolved_form():
+    recipe = load_recipe(ROOT / "recipes" / "dst_mnist1d.yaml")
+    assert recipe.method["modes"] is None  # as left out: the run directories of older versions still match
+    assert {job.arm for job in recipe.protocol.jobs(recipe)} == {"dense", "static", "set", "rigl"}
+
+
+def test_the_time_plot_needs_timed_history_rows():
+    from sparsenets.experiments import plots
+
+    results = {"name": "old", "jobs": [{"arm": "rigl", "level": 1, "target_sparsity": 0.9}]}
+    row = {"job": "seed0-rigl-01", "seed": 0, "arm": "rigl", "level": 1, "step": 10, "test_accuracy": 0.5}
+    assert plots.accuracy_vs_time(results, [row], ["dense", "rigl"]) is None  # a run from before seconds existed
+    assert plots.accuracy_vs_time(results, [{**row, "seconds": 1.5}], ["dense", "rigl"]) is not None

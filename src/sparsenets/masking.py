@@ -4,6 +4,12 @@ A masked weight is ``original * mask`` in every forward, so it is exactly zero w
 and its gradient there is zero. state_dict keys are parametrize's own
 (``parametrizations.weight.original`` and ``parametrizations.weight.0.mask``), deepcopy works,
 and pickling works too (parametrize alone refuses it; see :func:`_make_picklable`).
+
+Masks cost (almost) nothing in training: rather than a masked copy of the weight in every forward
+and a masked copy of its gradient in every backward, ``original`` itself is kept zero where masked
+and the forward returns it as it is (:mod:`.mask_upkeep` says how that stays exact). Where that
+can't apply (torch.compile, a sharded or non-leaf tensor, another parametrization before the
+mask) the forward multiplies.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import mask_upkeep as upkeep
 from .errors import SparsenetsError
 from .integrations.distributed import like
 
 
 class Mask(nn.Module):
-    """The parametrization: multiplies a tensor by a fixed boolean mask."""
+    """The parametrization: the tensor with the entries of a fixed boolean mask zero."""
 
     mask: Tensor
 
@@ -29,9 +36,13 @@ class Mask(nn.Module):
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
         self.pattern = pattern
+        self.known = upkeep.Known()
 
     def forward(self, tensor: Tensor) -> Tensor:
-        return tensor * like(self.mask, tensor)  # a sharded (FSDP) weight takes its shard of the mask
+        if not upkeep.applies(tensor, self.mask):
+            return tensor * like(self.mask, tensor)  # a sharded (FSDP) weight takes its shard of the mask
+        upkeep.keep_zero(tensor, self)
+        return tensor.view_as(tensor)  # a fresh node per forward, so hooks on the output stay per forward
 
     def right_inverse(self, tensor: Tensor) -> Tensor:
         return tensor
@@ -85,6 +96,7 @@ def finalize_(model: nn.Module) -> nn.Module:
         if others:
             raise SparsenetsError(f"{type(module).__name__}.{name} has other parametrizations "
                              f"({[type(p).__name__ for p in others]}); remove them first")
+        upkeep.release(get_mask(module, name))
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model
 

@@ -11,7 +11,7 @@ stay dense, ...), so what sparsenets does not prune is never silent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from . import batches as B
 from .activations import input_density
 from .gemm import is_experts, is_hf_conv1d
+from .layers.block_sparse import BlockSparseLinear
 from .masking import get_mask, parametrization_list
 from .targets import Uncovered, default_targets, is_layer, uncovered, weight_names
 
@@ -156,36 +157,46 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
     batches; one is used) they count the real tokens and output positions, and each row
     also shows the density (nonzero fraction) of the layer's input activations on that batch.
     """
-    layers = [(n, m) for n, m in model.named_modules() if is_layer(m)]
+    layers = [(n, m) for n, m in model.named_modules() if is_layer(m) or isinstance(m, BlockSparseLinear)]
     uses = _uses_per_sample(model, layers, data)
     inputs = {} if data is None else input_density(model, layers, data)
     rows = []
     first_row: dict[int, str] = {}  # id of the stored tensor -> the row that counts it
     for name, module in layers:
-        for param in weight_names(module):
-            weight = getattr(module, param).detach()
-            mask = get_mask(module, param)
+        for row_name, weight, pattern, stored in _weights(name, module):
             nonzeros = int(torch.count_nonzero(weight))
             shape = tuple(weight.t().shape) if is_hf_conv1d(module) else tuple(weight.shape)
             n_uses = uses.get(name)
             if n_uses is not None and is_experts(module):
                 n_uses *= _routed_share(model, module)
-            row_name = (name or "(model)") if param == "weight" else f"{name}.{param}".lstrip(".")
-            stored = id(_stored(module, param))
             rows.append(LayerRow(
                 name=row_name,
                 shape=shape,
-                pattern=mask.pattern if mask is not None else "dense",
+                pattern=pattern,
                 density=nonzeros / weight.numel(),
                 nonzeros=nonzeros,
                 numel=weight.numel(),
                 dense_flops=None if n_uses is None else int(2 * weight.numel() * n_uses),
                 sparse_flops=None if n_uses is None else int(2 * nonzeros * n_uses),
                 input_density=inputs.get(name),
-                tied_to=first_row.get(stored),
+                tied_to=first_row.get(id(stored)),
             ))
-            first_row.setdefault(stored, row_name)
-    return Report(rows, uncovered(model, default_targets(model)))
+            first_row.setdefault(id(stored), row_name)
+    block_values = {id(m.values) for _, m in layers if isinstance(m, BlockSparseLinear)}
+    return Report(rows, uncovered(model, default_targets(model) | block_values))
+
+
+def _weights(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """(row name, weight as the forward sees it, pattern, stored tensor) of each weight of a layer."""
+    if isinstance(module, BlockSparseLinear):  # what sparse training's fast mode trains
+        r, c = module.block
+        yield name or "(model)", module.dense_weight().detach(), f"block:{r}x{c}", module.values
+        return
+    for param in weight_names(module):
+        mask = get_mask(module, param)
+        row_name = (name or "(model)") if param == "weight" else f"{name}.{param}".lstrip(".")
+        pattern = mask.pattern if mask is not None else "dense"
+        yield row_name, getattr(module, param).detach(), pattern, _stored(module, param)
 
 
 def _routed_share(model: nn.Module, experts: nn.Module) -> float:

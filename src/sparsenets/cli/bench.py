@@ -66,14 +66,20 @@ process on the same weight, in interleaved rounds; each figure is the median ove
 aims for: block-sparse Linear with 32x32, 8x8 and 4x4 blocks, block-sparse Conv2d, N:M and
 unstructured Linear, and compressed transformer blocks end to end at 1 thread and at all of
 them (a few minutes). The line under the table names the CPU and the instruction set the
-kernels were built for (AVX-512, AVX2, ...)."""
+kernels were built for (AVX-512, AVX2, ...).
+
+--training times whole training steps instead: a masked step against a dense one (what masks
+cost), and a RigL step dense vs masked vs fast mode (block-sparse layers) on an MLP with three
+4096x4096 layers at 80/90/95% sparsity, with the drop-and-grow update's share of the time
+between updates (a few minutes; --quick: 1024 wide, a smoke test)."""
 
 _EXAMPLES = """\
 examples:
   sparsenets bench                                      # the default table, about a minute
   sparsenets bench --sparsities 0.9 --batches 512 --modes forward --impls dense sparsenets
   sparsenets bench --shapes 4096x1024 1024x4096 --block 16x16 --threads 1 --json bench.json
-  sparsenets bench --suite --threads 2 --json suite.json   # every kernel, with its goal"""
+  sparsenets bench --suite --threads 2 --json suite.json   # every kernel, with its goal
+  sparsenets bench --training --threads 2                   # sparse training steps vs dense"""
 
 
 def add_commands(subparsers) -> None:
@@ -104,8 +110,10 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--suite", action="store_true",
                         help="every kernel against dense with its goal, one table (ignores the case options)")
+    parser.add_argument("--training", action="store_true",
+                        help="time training steps: masked vs dense, and RigL dense vs masked vs fast mode")
     parser.add_argument("--quick", action="store_true",
-                        help="with --suite: one case per kernel family, few rounds (a smoke test)")
+                        help="with --suite or --training: small cases, few rounds (a smoke test)")
     parser.set_defaults(func=_main)
 
 
@@ -115,10 +123,14 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite and args.training:
+        raise SystemExit("sparsenets bench: choose one of --suite and --training")
     if args.suite:
         return _suite(args)
+    if args.training:
+        return _training(args)
     if args.quick:
-        raise SystemExit("sparsenets bench: --quick goes with --suite (the suite's smoke test)")
+        raise SystemExit("sparsenets bench: --quick goes with --suite or --training (their smoke tests)")
     impls = ["dense"] + [name for name in args.impls if name != "dense"]
     cases = [Case(shape, sparsity, batch, mode) for shape in args.shapes for batch in args.batches
              for mode in args.modes for sparsity in args.sparsities]
@@ -154,5 +166,43 @@ def _suite(args: argparse.Namespace) -> int:
                   f"{info['kernels']}")
     if args.json:
         atomic.write_json(args.json, {"machine": info, "rows": rows})
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def _training(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..bench import training
+
+    quick = args.quick
+    masks = training.mask_cost(sparsities=(0.5, 0.9) if quick else (0.5, 0.9, 0.99), rounds=3 if quick else 20,
+                               batch=32 if quick else 256)
+    rigl = training.rigl_steps(sparsities=(0.9,) if quick else (0.8, 0.9, 0.95), width=512 if quick else 4096,
+                               rounds=2 if quick else 8, batch=64 if quick else 256)
+    console = Console() if Console().is_terminal else Console(width=160)
+    cost = Table(title="What masks cost: a masked training step over a dense one (goal: <= 1.05x)")
+    for column in ("model", "sparsity", "dense ms", "masked ms", "masked / dense"):
+        cost.add_column(column, justify="right")
+    for row in masks:
+        cost.add_row(row["model"], f"{row['sparsity']:.0%}", f"{row['dense_ms']:.1f}", f"{row['masked_ms']:.1f}",
+                     f"{row['masked_over_dense']:.3f}x")
+    console.print(cost)
+    steps = Table(title=f"RigL training step, block {rigl[0]['block']}x{rigl[0]['block']}, three "
+                        f"{rigl[0]['width']}² layers, batch {rigl[0]['batch']} (goal: fast 3x at 90%, 5x at 95%)")
+    for column in ("sparsity", "dense ms", "masked ms", "fast ms", "fast speedup", "masked speedup",
+                   "update ms (fast)", f"update share (every {training.UPDATE_EVERY})"):
+        steps.add_column(column, justify="right")
+    for row in rigl:
+        steps.add_row(f"{row['sparsity']:.0%}", f"{row['dense_ms']:.0f}", f"{row['masked_ms']:.0f}",
+                      f"{row['fast_ms']:.0f}", f"{row['fast_speedup']:.2f}x", f"{row['masked_speedup']:.2f}x",
+                      f"{row['fast_update_ms']:.0f}", f"{row['fast_update_share']:.1%}")
+    console.print(steps)
+    info = machine()
+    console.print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}; "
+                  f"{info['kernels']}")
+    if args.json:
+        atomic.write_json(args.json, {"machine": info, "mask_cost": masks, "rigl_steps": rigl})
         console.print(f"wrote {args.json}")
     return 0

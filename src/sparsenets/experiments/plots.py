@@ -1,4 +1,5 @@
-"""Plots of a run directory: accuracy vs weights remaining, training curves, per-layer density.
+"""Plots of a run directory: accuracy vs weights remaining, training curves, per-layer density,
+accuracy vs training time.
 
 Built from ``results.json`` and ``metrics.jsonl`` alone, so ``sparsenets report`` can redraw
 them. Uses matplotlib's object API (no pyplot), so no display or global state is involved.
@@ -90,7 +91,7 @@ def accuracy_vs_remaining(results: dict[str, Any], arms: list[str]) -> Figure | 
         if points:
             axis.errorbar([p["remaining"] for p in points], [100 * p["accuracy_mean"] for p in points],
                           yerr=[100 * p["accuracy_std"] for p in points], marker="o", markersize=4, capsize=3,
-                          color=arm(name).color, label=arm(name).label)
+                          color=arm(name).color, linestyle=arm(name).linestyle, label=arm(name).label)
     if levels:
         _remaining_axis(axis)
     axis.set_ylabel("test accuracy (%)")
@@ -144,11 +145,54 @@ def _arm_curves(history: list[dict[str, Any]], order: list[str]) -> Figure:
         steps = sorted(curve)
         dropout_run = name == "dense" and any(h["arm"] == "dropout" for h in history)
         axis.plot(steps, [statistics.fmean(curve[s]) for s in steps], color=arm(name).color, linewidth=1.2,
-                  label="no dropout" if dropout_run else arm(name).label)
+                  linestyle=arm(name).linestyle, label="no dropout" if dropout_run else arm(name).label)
     axis.set_xlabel("training step")
     axis.set_ylabel("test accuracy (%), mean over seeds")
     axis.grid(alpha=0.3)
     axis.legend()
+    return figure
+
+
+def accuracy_vs_time(results: dict[str, Any], history: list[dict[str, Any]], order: list[str]) -> Figure | None:
+    """Test accuracy against training wall-clock seconds (evaluations excluded), one line per arm, one
+    panel per sparsity level; dense in every panel. Each point is the mean over seeds of one evaluation
+    (seconds and accuracy), the band the seeds' min-max accuracy. None for runs without ``seconds``
+    (those written before it was measured)."""
+    timed = [h for h in history if "seconds" in h]
+    if not timed:
+        return None
+    targets = {(r["arm"], r["level"]): r["target_sparsity"] for r in results["jobs"]}
+    levels = sorted({h["level"] for h in timed if h["arm"] != "dense"}) or [0]
+    figure = Figure(figsize=(6.5 * len(levels), 4.5))
+    axes = figure.subplots(1, len(levels), sharey=True, squeeze=False)[0]
+    names = [a for a in order if any(h["arm"] == a for h in timed)]
+    names += sorted({h["arm"] for h in timed} - set(names))  # arms of an older or newer protocol version
+    for axis, level in zip(axes, levels):
+        for name in names:
+            # step → the seeds' (seconds, accuracy) at that evaluation
+            points: dict[int, list[tuple[float, float]]] = defaultdict(list)
+            for h in timed:
+                if h["arm"] == name and (h["level"] == level or name == "dense"):
+                    points[h["step"]].append((h["seconds"], 100 * h["test_accuracy"]))
+            if not points:
+                continue
+            steps = sorted(points)
+            seconds = [statistics.fmean(t for t, _ in points[s]) for s in steps]
+            accuracy = [statistics.fmean(a for _, a in points[s]) for s in steps]
+            look = arm(name)
+            axis.plot(seconds, accuracy, color=look.color, linestyle=look.linestyle, linewidth=1.2,
+                      label=f"{look.label} ({accuracy[-1]:.1f}%, {seconds[-1]:.1f} s)")
+            if any(len(points[s]) > 1 for s in steps):
+                axis.fill_between(seconds, [min(a for _, a in points[s]) for s in steps],
+                                  [max(a for _, a in points[s]) for s in steps], color=look.color, alpha=0.12,
+                                  linewidth=0)
+        target = next((t for (a, lv), t in targets.items() if lv == level and a != "dense"), None)
+        axis.set_title(f"{results['name']}: {100 * target:g}% sparsity" if target is not None else results["name"])
+        axis.set_xlabel("training time (s, evaluations excluded)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    seeds = len({h["seed"] for h in timed})
+    axes[0].set_ylabel(f"test accuracy (%), mean over {seeds} seed(s)")
     return figure
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -188,7 +189,8 @@ class Trainer:
     >>> history = Trainer(model, data, TrainConfig(epochs=5), seed=0, hooks=[method]).fit()
 
     ``history`` has one row per evaluation: step, epoch, mean train loss since the last
-    evaluation, test loss and test accuracy.
+    evaluation, test loss, test accuracy and ``seconds``, the wall-clock time spent training
+    since ``fit`` started (evaluations excluded).
     """
 
     def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig, seed: int = 0,
@@ -217,6 +219,7 @@ class Trainer:
         """Train from update ``start_step`` (a rewinding point) to the end of the schedule."""
         config, model = self.config, self.model
         eval_every = config.eval_every or self.steps_per_epoch
+        seconds, started = 0.0, time.perf_counter()  # training time so far, evaluations excluded
         model.train()
         self._call("on_train_begin", model, self.optimizer)
         history: list[dict[str, float]] = []
@@ -244,14 +247,16 @@ class Trainer:
             if step % self.steps_per_epoch == 0:
                 self._call("on_epoch_end", step // self.steps_per_epoch)
             if step % eval_every == 0 or step == self.total_steps:
-                history.append(self._evaluation(step, losses))
-                losses = []
+                seconds += time.perf_counter() - started
+                history.append(self._evaluation(step, losses, seconds))
+                losses, started = [], time.perf_counter()
         if not history:  # nothing left to train (start_step at the end): still measure the model
-            history.append(self._evaluation(self.total_steps, losses))
+            seconds += time.perf_counter() - started
+            history.append(self._evaluation(self.total_steps, losses, seconds))
         return history
 
-    def _evaluation(self, step: int, losses: list[float]) -> dict[str, float]:
+    def _evaluation(self, step: int, losses: list[float], seconds: float) -> dict[str, float]:
         test = evaluate(self.model, self.data.x_test, self.data.y_test, precision=self.config.precision)
         return {"step": step, "epoch": step / self.steps_per_epoch,
                 "train_loss": sum(losses) / max(len(losses), 1),
-                "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+                "test_loss": test["loss"], "test_accuracy": test["accuracy"], "seconds": seconds}

@@ -21,7 +21,7 @@ from ..gemm import n_blocks
 from ..kernels import BlockLayout, block_keep, block_sparse_linear, choose_backend, gather_blocks, scatter_blocks
 from ..kernels import conv as conv_kernels
 
-__all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear"]
+__all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "BlockSparseLinear", "block_sources", "remap_blocks_"]
 
 _DERIVED = ("row_idx", "t_ptr", "t_row", "t_block")  # rebuilt from row_ptr/col_idx, not saved
 
@@ -79,6 +79,25 @@ class _BlockSparseGemm(nn.Module):
         """Fraction of the weight's blocks that are kept."""
         return self.layout.density
 
+    @torch.no_grad()
+    def relayout_(self, keep: Tensor) -> Tensor:
+        """Keep the blocks of ``keep`` (a boolean block map, as many blocks as now) instead, in place.
+
+        Blocks kept before keep their values; new ones start at zero. ``values`` and every index
+        buffer stay the same tensors (optimizers, DDP and compiled graphs hold them), rewritten.
+        Returns, for each stored block, the index it had before, or -1 for a new block: the map
+        with which to carry other per-block state (the optimizer's) along, see :func:`remap_blocks_`.
+        """
+        layout = BlockLayout.from_keep(keep.to(self.row_ptr.device), (self.out_features, self.in_features), self.block)
+        if layout.nnz != self.layout.nnz:
+            raise ValueError(f"a new layout must keep as many blocks as the old one ({self.layout.nnz}), "
+                             f"got {layout.nnz}")
+        source = block_sources(self.layout, layout)
+        remap_blocks_(self.values, source)
+        for name in ("row_ptr", "col_idx", *_DERIVED):
+            getattr(self, name).copy_(getattr(layout, name))
+        return source
+
     def _gemm(self, x: Tensor) -> Tensor:
         return block_sparse_linear(x, self.values, self.layout, self.bias)
 
@@ -94,8 +113,13 @@ class _BlockSparseGemm(nn.Module):
             device = self.row_ptr.device
             layout = BlockLayout.from_csr(row_ptr.to(device), col_idx.to(device),
                                           (self.out_features, self.in_features), self.block)
-            self._set_structure(layout)
-            self.values = nn.Parameter(self.values.new_zeros(layout.nnz, *self.block))
+            if layout.nnz == self.layout.nnz:  # rewire in place: an optimizer built on this layer keeps working
+                with torch.no_grad():
+                    for name in ("row_ptr", "col_idx", *_DERIVED):
+                        getattr(self, name).copy_(getattr(layout, name))
+            else:
+                self._set_structure(layout)
+                self.values = nn.Parameter(self.values.new_zeros(layout.nnz, *self.block))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -130,6 +154,22 @@ class BlockSparseLinear(_BlockSparseGemm):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._gemm(x)
+
+
+def block_sources(old: BlockLayout, new: BlockLayout) -> Tensor:
+    """For each block stored in ``new``, its index in ``old``, or -1 where ``old`` lacks it."""
+    columns = old.grid[1]
+    position = torch.full((old.grid[0] * columns,), -1, dtype=torch.int64, device=old.col_idx.device)
+    position[old.row_idx * columns + old.col_idx] = torch.arange(old.nnz, device=old.col_idx.device)
+    return position[new.row_idx * columns + new.col_idx]
+
+
+@torch.no_grad()
+def remap_blocks_(tensor: Tensor, source: Tensor) -> Tensor:
+    """``tensor[k] = old tensor[source[k]]``, zeros where ``source`` is -1, in place."""
+    moved = tensor[source.clamp(min=0)]
+    moved[source < 0] = 0
+    return tensor.copy_(moved)
 
 
 def _from_gemm(layer: _BlockSparseGemm, weight: Tensor, mask: Tensor, bias: Tensor | None):

@@ -10,14 +10,19 @@ sparsity throughout. The dynamic ones rewire every ``update_every`` updates:
 - :class:`RigL` (Evci et al. 2020) drops α·(1 + cos(πt/T_end))/2 of them, until ``end_step``, and
   regrows where the magnitude of the dense gradient (w.r.t. the effective weight) is largest.
 
-With a ``block:RxC`` pattern whole blocks are dropped (lowest mean |w|) and grown (highest mean
-|grad| for RigL, at random for SET). Every update swaps equal numbers of equally sized groups, so each
-layer's sparsity is exactly what it was; it grows only where the mask was off before the update;
-regrown weights start at zero with their optimizer state (momentum, Adam moments) zeroed.
+With a ``block:RxC`` pattern whole blocks are dropped (lowest mean |w|) and grown (largest norm of
+the dense gradient for RigL, at random for SET). Every update swaps equal numbers of equally sized
+groups, so each layer's sparsity is exactly what it was; it grows only where the mask was off before
+the update; regrown weights start at zero with their optimizer state (momentum, Adam moments) zeroed.
+
+``mode="fast"`` (block patterns) trains on block-sparse layers instead of masks: each ``nn.Linear``
+becomes a :class:`~sparsenets.layers.BlockSparseLinear` whose forward and backward run on its kept
+blocks only, and drop-and-grow rewrites its block layout in place (see :mod:`.groups`). The same
+seed gives the same training in both modes, up to floating-point rounding.
 
 In your own loop, build the optimizer after the method (masking moves ``weight`` into
-``parametrizations.weight.original``), and tell the method about it. Under DDP, wrap the model
-between the two; RigL sums the dense gradients over the ranks before regrowing::
+``parametrizations.weight.original``; fast mode replaces layers), and tell the method about it.
+Under DDP, wrap the model between the two; RigL sums the dense gradients over the ranks before regrowing::
 
     method = RigL(model, {"sparsity": 0.9, "criterion": "random", "allocation": "erk"},
                   update_every=100, end_step=0.75 * total_steps)
@@ -42,10 +47,10 @@ from ..batches import LossFn
 from ..config import SparsityConfig, as_config
 from ..errors import ConfigError, PatternError
 from ..integrations import distributed
-from ..masking import Mask, get_mask, parametrization_list
 from ..sparsify import sparsify_
-from ..targets import Unit, find_units
+from ..targets import find_units
 from .base import Method
+from .groups import BlockGroups, MaskedGroups, check_mode, rewirable_groups
 
 
 def _config(config: SparsityConfig | dict | str) -> SparsityConfig:
@@ -56,22 +61,20 @@ def _config(config: SparsityConfig | dict | str) -> SparsityConfig:
     return config
 
 
-def _mask(module: nn.Module, name: str) -> Mask:
-    """The mask on ``module.<name>``, which the method put on every weight it rewires."""
-    mask = get_mask(module, name)
-    if mask is None:
-        raise RuntimeError(f"{type(module).__name__}.{name} has no mask to rewire (was it finalized?)")
-    return mask
-
-
 class StaticSparse(Method):
-    """Static sparse training: mask at construction, then never change the mask."""
+    """Static sparse training: mask at construction, then never change the mask.
+
+    ``mode``: ``"masked"`` (any layer, dense compute under masks) or ``"fast"`` (block patterns:
+    ``nn.Linear`` layers become block-sparse layers that compute only their kept blocks).
+    """
 
     def __init__(self, model: nn.Module, config: SparsityConfig | dict | str,
-                 data: Iterable | None = None, loss_fn: LossFn | None = None) -> None:
+                 data: Iterable | None = None, loss_fn: LossFn | None = None, *, mode: str = "masked") -> None:
         super().__init__(model, _config(config), data, loss_fn)
+        check_mode(mode, self.config)
         sparsify_(model, self.config, data, loss_fn)
-        self.units: list[Unit] = find_units(model, self.config)
+        self.mode = mode
+        self.groups: list[MaskedGroups | BlockGroups] = rewirable_groups(model, find_units(model, self.config), mode)
         self.optimizer: Any = None
 
     def on_train_begin(self, model: nn.Module, optimizer: Any) -> None:
@@ -86,14 +89,14 @@ class DynamicSparse(StaticSparse):
 
     def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
                  loss_fn: LossFn | None = None, *, update_every: int = 100, drop_fraction: float = 0.3,
-                 end_step: int | float | None = None) -> None:
+                 end_step: int | float | None = None, mode: str = "masked") -> None:
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ConfigError(f"update_every must be an integer >= 1, got {update_every!r}")
         if not 0.0 < drop_fraction < 1.0:
             raise ConfigError(f"drop_fraction must be in (0, 1), got {drop_fraction!r}")
         if end_step is not None and end_step < 1:
             raise ConfigError(f"end_step must be >= 1 (or None), got {end_step!r}")
-        super().__init__(model, config, data, loss_fn)
+        super().__init__(model, config, data, loss_fn, mode=mode)
         self.update_every, self.drop_fraction = update_every, drop_fraction
         self.end_step = None if end_step is None else int(end_step)
         self.last_step = 0
@@ -124,7 +127,7 @@ class DynamicSparse(StaticSparse):
 
     # ---- one update ------------------------------------------------------------------------------
 
-    def grow_scores(self, unit: Unit, step: int, generator: torch.Generator) -> Tensor:
+    def grow_scores(self, groups: MaskedGroups | BlockGroups, step: int, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -133,16 +136,13 @@ class DynamicSparse(StaticSparse):
         fraction = self.drop_fraction_at(step)
         generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + step) % 2**63)
         moved = {}
-        for unit in self.units:
+        for groups in self.groups:
             if fraction > 0:
-                moved[unit.name] = self._update_unit(unit, fraction, self.grow_scores(unit, step, generator))
+                moved[groups.name] = self._rewire(groups, fraction, self.grow_scores(groups, step, generator))
         self.updates.append({"step": step, "fraction": fraction, "moved": moved})
 
-    def _update_unit(self, unit: Unit, fraction: float, grow_scores: Tensor) -> int:
-        active = unit.group_scores({m.qualname: _mask(m.module, m.param).mask.cpu().double()
-                                    for m in unit.weights}) > 0.5
-        magnitude = unit.group_scores({m.qualname: distributed.full(m.tensor()).abs().cpu() for m in unit.weights})
-        sizes = unit.group_sizes()
+    def _rewire(self, groups: MaskedGroups | BlockGroups, fraction: float, grow_scores: Tensor) -> int:
+        active, magnitude, sizes = groups.active(), groups.magnitudes(), groups.sizes()
         new_active = active.clone()
         # swap equally sized groups only (edge blocks with edge blocks), so the count stays exact
         for size in torch.unique(sizes):
@@ -156,46 +156,31 @@ class DynamicSparse(StaticSparse):
             new_active[drop] = False
             new_active[grow] = True
         distributed.broadcast_([new_active])  # a guard: ranks decide alike, ties included, or take rank 0's
-        masks = unit.expand(new_active)  # group scores live on the CPU; _apply moves masks to the weights
-        return sum(self._apply(m.module, m.param, masks[m.qualname]) for m in unit.weights)
-
-    def _apply(self, module: nn.Module, name: str, new_mask: Tensor) -> int:
-        """Write the new mask in place; zero the weights that left or joined and the joiners' optimizer state."""
-        mask = _mask(module, name)
-        original = parametrization_list(module, name).original
-        new_mask = new_mask.to(mask.mask.device)
-        grown = new_mask & ~mask.mask
-        changed = new_mask ^ mask.mask
-        mask.mask.copy_(new_mask)
-        original.masked_fill_(distributed.like(changed, original), 0.0)  # like: this rank's shard under FSDP
-        if self.optimizer is not None:
-            for value in self.optimizer.state.get(original, {}).values():
-                if isinstance(value, Tensor) and value.shape == original.shape:
-                    value.masked_fill_(distributed.like(grown, value), 0.0)
-        return int(grown.sum())
+        return groups.move(new_active, self.optimizer)
 
 
 class SET(DynamicSparse):
     """Sparse Evolutionary Training: drop the smallest ``drop_fraction`` (ζ), regrow at random."""
 
-    def grow_scores(self, unit: Unit, step: int, generator: torch.Generator) -> Tensor:
-        return torch.rand(unit.n_groups, generator=generator, dtype=torch.float64)
+    def grow_scores(self, groups: MaskedGroups | BlockGroups, step: int, generator: torch.Generator) -> Tensor:
+        return torch.rand(groups.n_groups, generator=generator, dtype=torch.float64)
 
 
 class RigL(DynamicSparse):
     """Rigged Lottery: drop on a cosine-decaying fraction, regrow where the dense gradient is largest.
 
     The dense gradient is the gradient w.r.t. the effective (masked) weight, which is nonzero at
-    inactive positions too; it is captured by hooks that are on only for the forward and backward
-    pass of an update step, so the model can be copied or pickled between updates.
+    inactive positions too; a group's growth score is its mean square (its norm, for comparing
+    groups of one size). It is captured by hooks that are on only for the forward and backward
+    pass of an update step, so the model can be copied or pickled between updates. In fast mode
+    it comes from each layer's input and output gradient, block by block (:mod:`..kernels.block_norms`).
     """
 
     def __init__(self, model: nn.Module, config: SparsityConfig | dict | str, data: Iterable | None = None,
                  loss_fn: LossFn | None = None, *, update_every: int = 100, drop_fraction: float = 0.3,
-                 end_step: int | float | None = None) -> None:
+                 end_step: int | float | None = None, mode: str = "masked") -> None:
         super().__init__(model, config, data, loss_fn, update_every=update_every, drop_fraction=drop_fraction,
-                         end_step=end_step)
-        self.dense_grads: dict[str, Tensor] = {}
+                         end_step=end_step, mode=mode)
         self._handles: list[Any] = []
 
     def drop_fraction_at(self, step: int) -> float:
@@ -206,43 +191,20 @@ class RigL(DynamicSparse):
     def _prepare(self, next_step: int) -> None:
         self._release()
         if self.is_update_step(next_step):
-            for unit in self.units:
-                for m in unit.weights:
-                    mask = _mask(m.module, m.param)
-                    self._handles.append(mask.register_forward_hook(self._capture_hook(m.qualname)))
-
-    def _capture_hook(self, qualname: str):
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if output.requires_grad:
-                output.register_hook(lambda grad: self._accumulate(qualname, grad))
-        return hook
-
-    def _accumulate(self, qualname: str, grad: Tensor) -> None:
-        previous = self.dense_grads.get(qualname)
-        self.dense_grads[qualname] = grad.detach().clone() if previous is None else previous + grad.detach()
-
-    def _reduce_dense_grads(self) -> None:
-        """Sum the dense gradients over the ranks: DDP averages only the parameters' (masked) gradients,
-        and growth should follow the whole batch, not one rank's share of it."""
-        present = [m.qualname for unit in self.units for m in unit.weights if m.qualname in self.dense_grads]
-        distributed.all_reduce_sum_(self.dense_grads[name] for name in present)
+            for groups in self.groups:
+                self._handles += groups.capture_gradients()
 
     def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def grow_scores(self, unit: Unit, step: int, generator: torch.Generator) -> Tensor:
-        missing = [m.qualname for m in unit.weights if m.qualname not in self.dense_grads]
-        if missing:
-            raise RuntimeError(f"RigL found no dense gradient for {missing} at update step {step}: call "
-                               f"on_train_begin(model, optimizer) before training and step(step) after every "
-                               f"optimizer step, and run forward and backward in between")
-        return unit.group_scores({m.qualname: self.dense_grads[m.qualname].abs().cpu() for m in unit.weights})
+    def grow_scores(self, groups: MaskedGroups | BlockGroups, step: int, generator: torch.Generator) -> Tensor:
+        return groups.gradient_scores()
 
     def update(self, step: int) -> None:
         try:
-            self._reduce_dense_grads()
             super().update(step)
         finally:
-            self.dense_grads = {}
+            for groups in self.groups:
+                groups.clear()

@@ -6,7 +6,7 @@ resumable for free. A protocol declares, in its own file:
 
 - ``Options``: a pydantic model of its ``method:`` section (strict types and ranges), with
   :meth:`Options.resolve` for checks against the rest of the recipe and derived defaults;
-- ``arms``: the :class:`Arm` s it trains (name, label, plot colour);
+- ``arms``: the :class:`Arm` s it trains (name, label, plot colour and line style);
 - ``sections``: the recipe sections it reads (``data``, ``model``, ``train``, ``sparsity``);
   the others are refused in its recipes and may be left out;
 - ``jobs(recipe)`` and ``run(job, ctx)``; optionally ``check(ctx)``, ``result(...)`` and the
@@ -73,6 +73,7 @@ class Arm:
     short: str = ""  # table column; default: the label
     color: str = "tab:gray"
     sparse: bool = True  # its per-layer densities are worth a plot (not for dense or dropout arms)
+    linestyle: str = "-"  # matplotlib's, for lines that tell variants of one method apart
 
     @property
     def column(self) -> str:

@@ -105,7 +105,8 @@ def _cached_panels(values: Tensor, layout: BlockLayout) -> Tensor | None:
     if (torch.is_grad_enabled() and values.requires_grad) or not PANEL_CACHE:
         return None  # in training the optimizer changes them every step
     try:
-        key = (values._version, values.data_ptr(), layout.row_ptr.data_ptr(), layout.col_idx.data_ptr())
+        key = (values._version, values.data_ptr(), layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(),
+               layout.col_idx._version)  # a layout rewritten in place (sparse training) changes version
     except RuntimeError:  # an inference tensor has no version counter to tell a change
         return None
     hit = _PANELS.get(id(values))
