@@ -486,3 +486,27 @@ def test_report_counts_a_fast_model_like_its_masked_twin():
     assert rows["fast"]["total"]["density"] < 0.5
     assert method.density() == pytest.approx(rows["masked"]["total"]["density"])
     assert not any("values" in u["name"] for u in rows["fast"]["uncovered"])  # kept blocks are covered
+
+
+def test_set_in_fast_mode_trains_the_same_under_torch_compile():
+    """The block layouts change under the compiled graph (its index buffers are rewritten in place)."""
+    losses = {}
+    for compiled in (False, True):
+        model = mlp()
+        method = SET(model, CONFIG, mode="fast", update_every=3, drop_fraction=0.5)
+        optimizer = make_optimizer(model, "sgd")
+        method.on_train_begin(model, optimizer)
+        runner = torch.compile(model, backend="aot_eager") if compiled else model
+        torch.manual_seed(5)
+        losses[compiled] = run(runner, method, optimizer, 8)
+        assert len(method.updates) == 2
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+def test_rigl_under_torch_compile_says_why_it_has_no_gradient():
+    model = mlp()
+    method = RigL(model, CONFIG, mode="fast", update_every=2)
+    optimizer = make_optimizer(model, "sgd")
+    method.on_train_begin(model, optimizer)
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        run(torch.compile(model, backend="aot_eager"), method, optimizer, 2)

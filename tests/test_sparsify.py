@@ -349,3 +349,20 @@ def test_report_counts_a_tied_weight_once():
     report = sn.report(model)
     assert report.numel == 80 + 64 and report.nonzeros == 80 + 32
     assert [r.tied_to for r in report.rows] == [None, None, "0"] and "2 (= 0)" in str(report)
+
+
+@given(rows=st.integers(1, 30), cols=st.integers(1, 30), r=st.integers(1, 6), c=st.integers(1, 6),
+       conv=st.booleans(), seed=st.integers(0, 10))
+def test_group_scores_of_a_plain_grid_equal_the_indexed_sums(rows, cols, r, c, conv, seed):
+    """Units of one weight sum their blocks by reshaping; every other unit goes through the group
+    index of each entry. Both must give the same means and sizes."""
+    from sparsenets.targets import Unit
+
+    layer = nn.Conv1d(cols, rows, 1) if conv else nn.Linear(cols, rows)
+    pattern = f"block:{min(r, rows)}x{min(c, cols)}" if seed % 3 else "unstructured"
+    (unit,) = find_units(layer, sn.SparsityConfig(sparsity=0.5, pattern=pattern))
+    scores = {unit.weights[0].qualname: torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(seed))}
+    indexed = Unit(unit.name, unit.pattern, unit.members, unit.n_groups)
+    indexed._grid = lambda: None  # the general path, as for units of several weights
+    torch.testing.assert_close(unit.group_sizes(), indexed.group_sizes())
+    torch.testing.assert_close(unit.group_scores(scores), indexed.group_scores(scores))

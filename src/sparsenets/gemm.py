@@ -8,6 +8,7 @@ Block patterns, kernels and checkpoints cut that matrix into ``r × c`` tiles (e
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -65,6 +66,23 @@ def from_gemm(module: nn.Module, matrix: Tensor, shape: torch.Size) -> Tensor:
 def n_blocks(size: int, side: int) -> int:
     """How many tiles of ``side`` cover ``size`` (the last may be partial)."""
     return -(-size // side)
+
+
+def block_sums(matrix: Tensor, block: tuple[int, int], dtype: torch.dtype | None = None) -> Tensor:
+    """``(row blocks, column blocks)``: the sum of each ``r × c`` block of ``matrix`` (edge blocks
+    over the entries they have), accumulated in ``dtype``."""
+    r, c = block
+    n_rows, n_cols = n_blocks(matrix.shape[0], r), n_blocks(matrix.shape[1], c)
+    padded = F.pad(matrix, (0, n_cols * c - matrix.shape[1], 0, n_rows * r - matrix.shape[0]))
+    return padded.view(n_rows, r, n_cols, c).sum((1, 3), dtype=dtype)
+
+
+def block_sizes(shape: tuple[int, int], block: tuple[int, int]) -> Tensor:
+    """``(row blocks, column blocks)``: how many entries of a ``rows × cols`` matrix each block holds."""
+    (rows, cols), (r, c) = shape, block
+    heights = (rows - torch.arange(n_blocks(rows, r)) * r).clamp(max=r)
+    widths = (cols - torch.arange(n_blocks(cols, c)) * c).clamp(max=c)
+    return heights[:, None] * widths[None, :]
 
 
 def block_keep(mask: Tensor, block: tuple[int, int]) -> Tensor:

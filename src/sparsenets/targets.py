@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .gemm import expert_weight_names, from_gemm, is_experts, is_hf_conv1d, to_gemm
+from .gemm import block_sizes, block_sums, expert_weight_names, from_gemm, is_experts, is_hf_conv1d, to_gemm
 from .patterns import Pattern
 
 # Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
@@ -120,7 +120,22 @@ class Unit:
     def numel(self) -> int:
         return sum(m.tensor().numel() for m in self.weights)
 
+    def _grid(self) -> tuple[Member, tuple[int, int]] | None:
+        """The one weight of a unit whose groups are a plain grid of its entries or blocks, in
+        row-major order (most units), and the grid's block (1 × 1 for entries): sums over its
+        groups then need no index of every entry."""
+        weights, block = self.weights, self.pattern.block_shape
+        if len(weights) != 1 or self.expert_of_group is not None or self.pattern.selects_locally:
+            return None
+        if self.pattern.elementwise:
+            return weights[0], (1, 1)
+        return None if block is None else (weights[0], block)
+
     def group_sizes(self) -> Tensor:
+        if (grid := self._grid()) is not None:
+            member, block = grid
+            shape = tuple(to_gemm(member.module, member.tensor()).shape)
+            return block_sizes((shape[0], shape[1]), block).reshape(-1).double()
         sizes = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
             sizes.index_add_(0, m.ids.reshape(-1), torch.ones(m.ids.numel(), dtype=torch.float64))
@@ -128,6 +143,12 @@ class Unit:
 
     def group_scores(self, scores: dict[str, Tensor]) -> Tensor:
         """Mean element score of each group (means keep edge blocks comparable to full ones)."""
+        if (grid := self._grid()) is not None:
+            member, block = grid
+            gemm = to_gemm(member.module, scores[member.qualname])
+            if block == (1, 1):
+                return gemm.reshape(-1).to("cpu", torch.float64)
+            return block_sums(gemm, block, torch.float64).reshape(-1).cpu() / self.group_sizes()
         total = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
             gemm = to_gemm(m.module, scores[m.qualname]).to(torch.float64)

@@ -177,7 +177,7 @@ def _training(args: argparse.Namespace) -> int:
     from ..bench import training
 
     quick = args.quick
-    masks = training.mask_cost(sparsities=(0.5, 0.9) if quick else (0.5, 0.9, 0.99), rounds=3 if quick else 20,
+    masks = training.mask_cost(sparsities=(0.5, 0.9) if quick else (0.5, 0.9, 0.99), rounds=3 if quick else 40,
                                batch=32 if quick else 256)
     rigl = training.rigl_steps(sparsities=(0.9,) if quick else (0.8, 0.9, 0.95), width=512 if quick else 4096,
                                rounds=2 if quick else 8, batch=64 if quick else 256)

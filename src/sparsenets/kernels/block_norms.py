@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..gemm import n_blocks
+from ..gemm import block_sums, n_blocks
 
 __all__ = ["block_gradient_norms", "matrix_block_norms"]
 
@@ -72,7 +72,4 @@ def _panels(dy: Tensor, x: Tensor, n_rows: int, n_cols: int, r: int, c: int) -> 
 
 def matrix_block_norms(matrix: Tensor, block: tuple[int, int]) -> Tensor:
     """``(row blocks, column blocks)`` squared Frobenius norms of a matrix's blocks, float64."""
-    r, c = block
-    n_rows, n_cols = n_blocks(matrix.shape[0], r), n_blocks(matrix.shape[1], c)
-    padded = F.pad(matrix, (0, n_cols * c - matrix.shape[1], 0, n_rows * r - matrix.shape[0]))
-    return padded.view(n_rows, r, n_cols, c).square().sum((1, 3), dtype=torch.float64)
+    return block_sums(matrix.square(), block, torch.float64)

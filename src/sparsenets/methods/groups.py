@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from ..config import SparsityConfig
 from ..errors import ConfigError
-from ..gemm import is_hf_conv1d, n_blocks, to_gemm
+from ..gemm import block_sizes, is_hf_conv1d, n_blocks, to_gemm
 from ..integrations import distributed
 from ..kernels.block_norms import block_gradient_norms, matrix_block_norms
 from ..layers.block_sparse import BlockSparseLinear, remap_blocks_
@@ -44,7 +44,8 @@ def _mask(module: nn.Module, name: str) -> Mask:
 def _missing_gradient(name: str) -> RuntimeError:
     return RuntimeError(f"RigL found no dense gradient for {name}: call on_train_begin(model, optimizer) "
                         f"before training and step(step) after every optimizer step, and run forward and "
-                        f"backward in between")
+                        f"backward in between (a model run through torch.compile skips the hooks that "
+                        f"collect it: train RigL uncompiled, or use SET)")
 
 
 class MaskedGroups:
@@ -128,10 +129,7 @@ class BlockGroups:
         return (layout.row_idx * self.grid[1] + layout.col_idx).cpu()
 
     def sizes(self) -> Tensor:
-        r, c = self.layer.block
-        heights = (self.layer.out_features - torch.arange(self.grid[0]) * r).clamp(max=r)
-        widths = (self.layer.in_features - torch.arange(self.grid[1]) * c).clamp(max=c)
-        return (heights[:, None] * widths[None, :]).reshape(-1).double()
+        return block_sizes((self.layer.out_features, self.layer.in_features), self.layer.block).reshape(-1).double()
 
     def active(self) -> Tensor:
         active = torch.zeros(self.n_groups, dtype=torch.bool)
