@@ -59,7 +59,8 @@ def test_training_bench_times_every_mode_and_keeps_the_models_sparse():
     assert [(r["model"], r["sparsity"]) for r in masks] == [("transformer", 0.5)]
     assert masks[0]["masked_ms"] > 0 and masks[0]["masked_over_dense"] > 0
     rows = training.rigl_steps(sparsities=(0.5, 0.75), width=64, batch=8, block=16, rounds=1)
-    assert [r["sparsity"] for r in rows] == [0.5, 0.75]
+    rows += training.rigl_steps(sparsities=(0.5,), width=32, batch=2, block=16, rounds=1, model="cnn")
+    assert [(r["model"], r["sparsity"]) for r in rows] == [("mlp", 0.5), ("mlp", 0.75), ("cnn", 0.5)]
     for row in rows:
         for mode in ("masked", "fast"):
             assert row[f"{mode}_ms"] > 0 and row[f"{mode}_speedup"] > 0

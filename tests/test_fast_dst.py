@@ -510,3 +510,73 @@ def test_rigl_under_torch_compile_says_why_it_has_no_gradient():
     method.on_train_begin(model, optimizer)
     with pytest.raises(RuntimeError, match="torch.compile"):
         run(torch.compile(model, backend="aot_eager"), method, optimizer, 2)
+
+
+class Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_layers_the_user_watches_or_parametrizes_stay_masked():
+    """Replacing them would silently drop the user's hook or the other parametrization."""
+    model = mlp()
+    seen = []
+    model[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    parametrize.register_parametrization(model[3], "weight", Doubled())
+    with pytest.warns(UserWarning, match="stay masked"):
+        SET(model, CONFIG, mode="fast")
+    assert not isinstance(model[0], BlockSparseLinear) and not isinstance(model[3], BlockSparseLinear)
+    assert isinstance(model[5], BlockSparseLinear)
+    model(batch()[0])
+    assert seen  # the hook still runs
+
+
+class SmallCNN(nn.Module):
+    """2-d convolutions (padded, strided, dilated) and a 1-d one, none dividing 4x8 blocks evenly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 14, 3, padding=1)
+        self.conv2 = nn.Conv2d(14, 18, 3, stride=2, dilation=1)
+        self.conv3 = nn.Conv1d(18, 12, 3, padding="same", padding_mode="reflect")
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = F.relu(self.conv3(x.flatten(2)))
+        return self.head(x.mean(2))
+
+
+@pytest.mark.parametrize("algorithm", [SET, RigL])
+def test_convolutions_train_alike_in_both_modes(algorithm):
+    results = {}
+    for mode in ("masked", "fast"):
+        model = SmallCNN()
+        method = algorithm(model, {**CONFIG, "exclude": ["head"]}, mode=mode, update_every=2, drop_fraction=0.5)
+        optimizer = make_optimizer(model, "sgd")
+        method.on_train_begin(model, optimizer)
+        generator, losses = torch.Generator().manual_seed(0), []
+        for step in range(1, 8):
+            x = torch.randn(6, 3, 9, 9, generator=generator)
+            loss = F.cross_entropy(model(x), x[:, 0, 0, :4].argmax(1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            method.step(step)
+            losses.append(loss.item())
+        results[mode] = (model, method, losses)
+    (masked, masked_method, masked_losses), (fast, fast_method, fast_losses) = results["masked"], results["fast"]
+    assert [type(m).__name__ for m in (fast.conv1, fast.conv2, fast.conv3)] == \
+        ["BlockSparseConv2d", "BlockSparseConv2d", "BlockSparseConv1d"]
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(masked_losses), rtol=1e-4, atol=1e-6)
+    assert fast_method.updates == masked_method.updates and len(fast_method.updates) == 3
+    assert sum(sum(u["moved"].values()) for u in fast_method.updates) > 0
+    for name in ("conv1", "conv2", "conv3"):
+        torch.testing.assert_close(getattr(fast, name).dense_weight(), getattr(masked, name).weight,
+                                   rtol=1e-4, atol=1e-5, msg=name)
+    from sparsenets import report
+
+    keys = ("name", "shape", "pattern", "nonzeros")
+    rows = [[{k: r[k] for k in keys} for r in report(m).to_dict()["layers"]] for m in (masked, fast)]
+    assert rows[0] == rows[1]

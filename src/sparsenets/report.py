@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from . import batches as B
 from .activations import input_density
 from .gemm import is_experts, is_hf_conv1d
-from .layers.block_sparse import BlockSparseLinear
+from .layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear
 from .masking import get_mask, parametrization_list
 from .targets import Uncovered, default_targets, is_layer, uncovered, weight_names
 
@@ -112,11 +112,14 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
+BLOCK_SPARSE = (BlockSparseLinear, BlockSparseConv1d, BlockSparseConv2d)  # what sparse training's fast mode trains
+_CONVS = (nn.modules.conv._ConvNd, BlockSparseConv1d, BlockSparseConv2d)
+
+
 def _uses_per_sample(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Iterable | None) -> dict[str, float]:
     """How often each weight is applied per sample (tokens, or conv output positions)."""
     if data is None:
-        return {name: 1.0 for name, m in layers
-                if not isinstance(m, (nn.modules.conv._ConvNd, nn.Embedding))}
+        return {name: 1.0 for name, m in layers if not isinstance(m, (*_CONVS, nn.Embedding))}
     uses: dict[str, float] = {}
 
     def hook(name: str):
@@ -124,7 +127,7 @@ def _uses_per_sample(model: nn.Module, layers: list[tuple[str, nn.Module]], data
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(module, nn.Embedding) or not isinstance(out, torch.Tensor):  # e.g. PackedSequence
                 return
-            if isinstance(module, nn.modules.conv._ConvNd):
+            if isinstance(module, _CONVS):
                 uses[name] = out[0, 0].numel()  # positions per sample
             else:  # tokens per sample
                 uses[name] = out.numel() / (batch_size * out.shape[-1])
@@ -157,7 +160,7 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
     batches; one is used) they count the real tokens and output positions, and each row
     also shows the density (nonzero fraction) of the layer's input activations on that batch.
     """
-    layers = [(n, m) for n, m in model.named_modules() if is_layer(m) or isinstance(m, BlockSparseLinear)]
+    layers = [(n, m) for n, m in model.named_modules() if is_layer(m) or isinstance(m, BLOCK_SPARSE)]
     uses = _uses_per_sample(model, layers, data)
     inputs = {} if data is None else input_density(model, layers, data)
     rows = []
@@ -182,13 +185,13 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
                 tied_to=first_row.get(id(stored)),
             ))
             first_row.setdefault(id(stored), row_name)
-    block_values = {id(m.values) for _, m in layers if isinstance(m, BlockSparseLinear)}
+    block_values = {id(m.values) for _, m in layers if isinstance(m, BLOCK_SPARSE)}
     return Report(rows, uncovered(model, default_targets(model) | block_values))
 
 
 def _weights(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, torch.Tensor]]:
     """(row name, weight as the forward sees it, pattern, stored tensor) of each weight of a layer."""
-    if isinstance(module, BlockSparseLinear):  # what sparse training's fast mode trains
+    if isinstance(module, BLOCK_SPARSE):
         r, c = module.block
         yield name or "(model)", module.dense_weight().detach(), f"block:{r}x{c}", module.values
         return

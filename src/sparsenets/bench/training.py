@@ -3,8 +3,9 @@
 - :func:`mask_cost`: what masks cost, a masked training step (forward, backward, optimizer step)
   against the dense one, on an MLP 784-2048-2048-10 and on the built-in transformer.
 - :func:`rigl_steps`: a RigL training step on a wide MLP (three 4096 × 4096 layers, ``block:32x32``)
-  dense, in masked mode and in fast mode, and the drop-and-grow update (block norms of the dense
-  gradient, re-layout and optimizer state included) as a share of the time between two updates.
+  or a CNN (three 3×3 convolutions) dense, in masked mode and in fast mode, and the drop-and-grow
+  update (block norms of the dense gradient, re-layout and optimizer state included) as a share
+  of the time between two updates.
 
 Every model trains with SGD and momentum on random data (batch 256 by default); the steps of all
 candidates alternate round by round (:func:`~sparsenets.utils.timing.interleaved`) and each ratio
@@ -111,33 +112,51 @@ def _update_ms(method: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return 1e3 * statistics.median(times)
 
 
+def _cnn(channels: int) -> nn.Module:
+    """Three ``channels → channels`` 3×3 convolutions (padding 1), then pooling and a 10-way head."""
+    torch.manual_seed(0)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i in range(1, 4):
+        layers[f"conv{i}"], layers[f"relu{i}"] = nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()
+    layers["pool"], layers["flatten"], layers["head"] = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)
+    return nn.Sequential(layers)
+
+
 def rigl_steps(sparsities: Sequence[float] = (0.8, 0.9, 0.95), width: int = 4096, batch: int = 256,
-               block: int = 32, rounds: int = 8, modes: Sequence[str] = ("masked", "fast")) -> list[dict[str, Any]]:
-    """RigL training steps, dense vs masked vs fast, on an MLP with three ``width²`` layers."""
+               block: int = 32, rounds: int = 8, modes: Sequence[str] = ("masked", "fast"),
+               model: str = "mlp") -> list[dict[str, Any]]:
+    """RigL training steps, dense vs masked vs fast: on an MLP with three ``width²`` layers, or
+    (``model="cnn"``) on three ``width → width`` 3×3 convolutions over 16×16 maps."""
     from ..methods import RigL
 
-    sizes = [width, width, width, width, 10]
-    x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
-    steps = {"dense": _trainer(_mlp(sizes), x, y)}
+    builders: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+        "mlp": (lambda: _mlp([width, width, width, width, 10]), (batch, width)),
+        "cnn": (lambda: _cnn(width), (batch, width, 16, 16))}
+    if model not in builders:
+        raise ValueError(f"model must be 'mlp' or 'cnn', got {model!r}")
+    build, shape = builders[model]
+    x = torch.randn(shape)
+    y = torch.randint(0, 10, (batch,))
+    steps = {"dense": _trainer(build(), x, y)}
     methods = {}
     for sparsity in sparsities:
         for mode in modes:
-            model = _mlp(sizes)
+            net = build()
             config = {"sparsity": sparsity, "pattern": f"block:{block}x{block}", "criterion": "random",
                       "allocation": "uniform", "exclude": ["head"]}
-            method = RigL(model, config, update_every=UPDATE_EVERY, mode=mode)
+            method = RigL(net, config, update_every=UPDATE_EVERY, mode=mode)
             key = f"{mode} {sparsity:g}"
-            steps[key], methods[key] = _trainer(model, x, y, method), (method, model)
+            steps[key], methods[key] = _trainer(net, x, y, method), (method, net)
     timings = timing.interleaved(steps, rounds=rounds, warmup=2)
     medians = timings.median_ms()
     rows = []
     for sparsity in sparsities:
-        row: dict[str, Any] = {"sparsity": sparsity, "width": width, "batch": batch, "block": block,
-                               "dense_ms": medians["dense"]}
+        row: dict[str, Any] = {"model": model, "sparsity": sparsity, "width": width, "batch": batch,
+                               "block": block, "dense_ms": medians["dense"]}
         for mode in modes:
             key = f"{mode} {sparsity:g}"
-            method, model = methods[key]
-            update = _update_ms(method, model, x, y, steps[key].optimizer)  # type: ignore[attr-defined]
+            method, net = methods[key]
+            update = _update_ms(method, net, x, y, steps[key].optimizer)  # type: ignore[attr-defined]
             row |= {f"{mode}_ms": medians[key], f"{mode}_speedup": _ratio(timings, "dense", key),
                     f"{mode}_update_ms": update,
                     f"{mode}_update_share": update / (update + UPDATE_EVERY * medians[key])}

@@ -70,8 +70,8 @@ kernels were built for (AVX-512, AVX2, ...).
 
 --training times whole training steps instead: a masked step against a dense one (what masks
 cost), and a RigL step dense vs masked vs fast mode (block-sparse layers) on an MLP with three
-4096x4096 layers at 80/90/95% sparsity, with the drop-and-grow update's share of the time
-between updates (a few minutes; --quick: 1024 wide, a smoke test)."""
+4096x4096 layers and on three 256-channel 3x3 convolutions, at 80/90/95% sparsity, with the
+drop-and-grow update's share of the time between updates (a few minutes; --quick: a smoke test)."""
 
 _EXAMPLES = """\
 examples:
@@ -179,8 +179,11 @@ def _training(args: argparse.Namespace) -> int:
     quick = args.quick
     masks = training.mask_cost(sparsities=(0.5, 0.9) if quick else (0.5, 0.9, 0.99), rounds=3 if quick else 40,
                                batch=32 if quick else 256)
-    rigl = training.rigl_steps(sparsities=(0.9,) if quick else (0.8, 0.9, 0.95), width=512 if quick else 4096,
+    sparsities = (0.9,) if quick else (0.8, 0.9, 0.95)
+    rigl = training.rigl_steps(sparsities=sparsities, width=512 if quick else 4096,
                                rounds=2 if quick else 8, batch=64 if quick else 256)
+    cnn = training.rigl_steps(sparsities=sparsities, width=64 if quick else 256, rounds=2 if quick else 8,
+                              batch=4 if quick else 32, model="cnn")
     console = Console() if Console().is_terminal else Console(width=160)
     cost = Table(title="What masks cost: a masked training step over a dense one (goal: <= 1.05x)")
     for column in ("model", "sparsity", "dense ms", "masked ms", "masked / dense"):
@@ -189,20 +192,30 @@ def _training(args: argparse.Namespace) -> int:
         cost.add_row(row["model"], f"{row['sparsity']:.0%}", f"{row['dense_ms']:.1f}", f"{row['masked_ms']:.1f}",
                      f"{row['masked_over_dense']:.3f}x")
     console.print(cost)
-    steps = Table(title=f"RigL training step, block {rigl[0]['block']}x{rigl[0]['block']}, three "
-                        f"{rigl[0]['width']}² layers, batch {rigl[0]['batch']} (goal: fast 3x at 90%, 5x at 95%)")
-    for column in ("sparsity", "dense ms", "masked ms", "fast ms", "fast speedup", "masked speedup",
-                   "update ms (fast)", f"update share (every {training.UPDATE_EVERY})"):
-        steps.add_column(column, justify="right")
-    for row in rigl:
-        steps.add_row(f"{row['sparsity']:.0%}", f"{row['dense_ms']:.0f}", f"{row['masked_ms']:.0f}",
-                      f"{row['fast_ms']:.0f}", f"{row['fast_speedup']:.2f}x", f"{row['masked_speedup']:.2f}x",
-                      f"{row['fast_update_ms']:.0f}", f"{row['fast_update_share']:.1%}")
-    console.print(steps)
+    console.print(_steps_table(rigl, f"three {rigl[0]['width']}² linear layers, batch {rigl[0]['batch']} "
+                                     f"(goal: fast 3x at 90%, 5x at 95%)"))
+    console.print(_steps_table(cnn, f"three {cnn[0]['width']}→{cnn[0]['width']} 3x3 convolutions on 16x16 "
+                                    f"maps, batch {cnn[0]['batch']}"))
     info = machine()
     console.print(f"{info['cpu']} ({info['cores']} cores), {info['threads']} threads, torch {info['torch']}; "
                   f"{info['kernels']}")
     if args.json:
-        atomic.write_json(args.json, {"machine": info, "mask_cost": masks, "rigl_steps": rigl})
+        atomic.write_json(args.json, {"machine": info, "mask_cost": masks, "rigl_steps": rigl + cnn})
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _steps_table(rows: list[dict], what: str):
+    from rich.table import Table
+
+    from ..bench import training
+
+    table = Table(title=f"RigL training step, block {rows[0]['block']}x{rows[0]['block']}, {what}")
+    for column in ("sparsity", "dense ms", "masked ms", "fast ms", "fast speedup", "masked speedup",
+                   "update ms (fast)", f"update share (every {training.UPDATE_EVERY})"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(f"{row['sparsity']:.0%}", f"{row['dense_ms']:.0f}", f"{row['masked_ms']:.0f}",
+                      f"{row['fast_ms']:.0f}", f"{row['fast_speedup']:.2f}x", f"{row['masked_speedup']:.2f}x",
+                      f"{row['fast_update_ms']:.0f}", f"{row['fast_update_share']:.1%}")
+    return table

@@ -16,6 +16,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import grad as conv_grad
 
 from ..gemm import n_blocks
 from ..kernels import BlockLayout, block_keep, block_sparse_linear, choose_backend, gather_blocks, scatter_blocks
@@ -289,6 +290,17 @@ class _BlockSparseConv(_BlockSparseGemm):
                    for size, k, d, s in zip(x.shape[2:], kernel, dilation, stride)]
         y = self._gemm(_patches(x, spatial, kernel, stride, dilation))  # (N·Ho·Wo, out)
         return y.reshape(x.shape[0], *spatial, self.out_channels).permute(0, 3, 1, 2)
+
+    def gemm_gradient(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        """The dense ``out × in·k`` gradient of the weight, for input ``x`` and output gradient
+        ``grad_out`` (what sparse training ranks blocks by)."""
+        if x.dim() == self.dims + 1:  # unbatched
+            x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)
+        if any(self._pad):
+            x = F.pad(x, self._pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        weight_grad = conv_grad.conv1d_weight if self.dims == 1 else conv_grad.conv2d_weight
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        return weight_grad(x, shape, grad_out, stride=self.stride, dilation=self.dilation).reshape(shape[0], -1)
 
     def _planar(self, values: tuple[int, ...]) -> tuple[int, int]:
         return (1, values[0]) if self.dims == 1 else (values[0], values[1])

@@ -16,9 +16,10 @@ groups, so each layer's sparsity is exactly what it was; it grows only where the
 the update; regrown weights start at zero with their optimizer state (momentum, Adam moments) zeroed.
 
 ``mode="fast"`` (block patterns) trains on block-sparse layers instead of masks: each ``nn.Linear``
-becomes a :class:`~sparsenets.layers.BlockSparseLinear` whose forward and backward run on its kept
-blocks only, and drop-and-grow rewrites its block layout in place (see :mod:`.groups`). The same
-seed gives the same training in both modes, up to floating-point rounding.
+becomes a :class:`~sparsenets.layers.BlockSparseLinear` (each ``nn.Conv1d``/``nn.Conv2d`` a
+block-sparse convolution) whose forward and backward run on its kept blocks only, and
+drop-and-grow rewrites its block layout in place (see :mod:`.groups`). The same seed gives the
+same training in both modes, up to floating-point rounding.
 
 In your own loop, build the optimizer after the method (masking moves ``weight`` into
 ``parametrizations.weight.original``; fast mode replaces layers), and tell the method about it.

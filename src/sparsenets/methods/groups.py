@@ -3,9 +3,10 @@ layer's blocks.
 
 - ``"masked"`` (the research mode): any layer and any pattern that can be rewired; a weight stays
   a dense tensor under a mask and the compute is dense.
-- ``"fast"``: ``block:RxC`` weights of ``nn.Linear`` (and Hugging Face ``Conv1D``) layers become
-  :class:`~sparsenets.layers.BlockSparseLinear` layers, which store, compute and train only their
-  kept blocks; rewiring moves blocks in place. Other layers stay masked.
+- ``"fast"``: ``block:RxC`` weights of ``nn.Linear`` (and Hugging Face ``Conv1D``), ``nn.Conv1d``
+  and ``nn.Conv2d`` layers become block-sparse layers (:class:`~sparsenets.layers.BlockSparseLinear`,
+  ``BlockSparseConv1d``/``2d``), which store, compute and train only their kept blocks; rewiring
+  moves blocks in place. Other layers stay masked.
 
 Both show the methods the same thing: each group's size, which groups are active, their mean
 |w|, RigL's growth scores (the mean square of the dense gradient over the group), and a move to
@@ -26,11 +27,14 @@ from ..errors import ConfigError
 from ..gemm import block_sizes, is_hf_conv1d, n_blocks, to_gemm
 from ..integrations import distributed
 from ..kernels.block_norms import block_gradient_norms, matrix_block_norms
-from ..layers.block_sparse import BlockSparseLinear, remap_blocks_
+from ..layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear, remap_blocks_
 from ..masking import Mask, get_mask, parametrization_list
 from ..targets import Unit
 
 MODES = ("masked", "fast")
+BlockSparseLayer = BlockSparseLinear | BlockSparseConv1d | BlockSparseConv2d
+_CONVERSIONS: dict[type[nn.Module], type[BlockSparseConv1d | BlockSparseConv2d]] = {
+    nn.Conv1d: BlockSparseConv1d, nn.Conv2d: BlockSparseConv2d}
 
 
 def _mask(module: nn.Module, name: str) -> Mask:
@@ -115,9 +119,9 @@ class MaskedGroups:
 
 
 class BlockGroups:
-    """The blocks of a :class:`BlockSparseLinear`, in the row-major order of the block pattern's groups."""
+    """The blocks of a block-sparse layer (GEMM form), in the row-major order of the pattern's groups."""
 
-    def __init__(self, name: str, layer: BlockSparseLinear) -> None:
+    def __init__(self, name: str, layer: BlockSparseLayer) -> None:
         self.name, self.layer = name, layer
         r, c = layer.block
         self.grid = (n_blocks(layer.out_features, r), n_blocks(layer.in_features, c))
@@ -159,41 +163,61 @@ class BlockGroups:
 
     def _hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if output.requires_grad:
-            x = inputs[0].detach().reshape(-1, self.layer.in_features)
-            out = self.layer.out_features
-            output.register_hook(lambda grad: self.captured.append((x, grad.detach().reshape(-1, out))))
+            x = inputs[0].detach()
+            output.register_hook(lambda grad: self.captured.append((x, grad.detach())))
 
     def gradient_scores(self) -> Tensor:
         if not self.captured:
             raise _missing_gradient(f"{self.name}.values")
-        x = torch.cat([x for x, _ in self.captured])
-        dy = torch.cat([g for _, g in self.captured])
-        if distributed.active():  # norms of a sum over ranks: the sum must be made first
-            gradient = dy.T.float() @ x.float()
-            distributed.all_reduce_sum_([gradient])
-            norms = matrix_block_norms(gradient, self.layer.block)
-        else:
-            norms = block_gradient_norms(dy, x, self.layer.block)
-        return norms.reshape(-1).cpu() / self.sizes()
+        layer = self.layer
+        if isinstance(layer, BlockSparseLinear) and not distributed.active():  # from X and dY, block by block
+            x = torch.cat([x.reshape(-1, layer.in_features) for x, _ in self.captured])
+            dy = torch.cat([g.reshape(-1, layer.out_features) for _, g in self.captured])
+            return block_gradient_norms(dy, x, layer.block).reshape(-1).cpu() / self.sizes()
+        # a convolution's, or one summed over ranks (the norm of a sum needs the sum): the dense gradient
+        gradient = torch.stack([self._dense_gradient(x, g) for x, g in self.captured]).sum(0)
+        distributed.all_reduce_sum_([gradient])
+        return matrix_block_norms(gradient, layer.block).reshape(-1).cpu() / self.sizes()
+
+    def _dense_gradient(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        layer = self.layer
+        if isinstance(layer, BlockSparseLinear):
+            return grad_out.reshape(-1, layer.out_features).T.float() @ x.reshape(-1, layer.in_features).float()
+        return layer.gemm_gradient(x.float(), grad_out.float())
 
     def clear(self) -> None:
         self.captured = []
 
 
 def _fast_layer(module: nn.Module) -> bool:
-    """Whether a layer can train as a :class:`BlockSparseLinear` (its class adds nothing to the product)."""
-    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)  # parametrize subclasses
-    return cls is nn.Linear or is_hf_conv1d(module)
+    """Whether a layer can train as a :class:`BlockSparseLinear`: its class adds nothing to the
+    product, nothing but the mask parametrizes it, and no hook of the user's watches it (a
+    replacement would drop them)."""
+    cls = _layer_class(module)
+    alone = (list(cast(nn.ModuleDict, module.parametrizations)) == ["weight"]
+             and len(parametrization_list(module, "weight")) == 1)
+    hooked = any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                  module._backward_pre_hooks, module._state_dict_hooks, module._load_state_dict_pre_hooks))
+    kind = cls is nn.Linear or is_hf_conv1d(module) or (cls in _CONVERSIONS and getattr(module, "groups", 1) == 1)
+    return kind and alone and not hooked
 
 
-def _to_block_sparse(module: nn.Module, block: tuple[int, int]) -> BlockSparseLinear:
-    weight = to_gemm(module, cast(Tensor, module.weight).detach())
-    mask = to_gemm(module, _mask(module, "weight").mask)
+def _layer_class(module: nn.Module) -> type:
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)  # parametrize subclasses
+
+
+def _to_block_sparse(module: nn.Module, block: tuple[int, int]) -> BlockSparseLayer:
+    weight, mask = cast(Tensor, module.weight).detach(), _mask(module, "weight").mask
     bias = None if module.bias is None else cast(Tensor, module.bias).detach()
     # the layer starts from a random init (then overwritten): keep it off the caller's RNG, so both modes train alike
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
-        layer = BlockSparseLinear.from_dense(weight, mask, bias, block)
+        conv = _CONVERSIONS.get(_layer_class(module))
+        layer: BlockSparseLayer
+        if conv is not None:
+            layer = conv.from_dense(cast(nn.Conv2d, module), weight, mask, block)
+        else:
+            layer = BlockSparseLinear.from_dense(to_gemm(module, weight), to_gemm(module, mask), bias, block)
     layer.values.requires_grad_(parametrization_list(module, "weight").original.requires_grad)
     return layer.train(module.training)
 
@@ -223,6 +247,6 @@ def rewirable_groups(model: nn.Module, units: list[Unit], mode: str) -> list[Mas
         model.set_submodule(unit.name, layer)
         groups.append(BlockGroups(unit.name, layer))
     if stay_masked:
-        warnings.warn(f"fast mode: {', '.join(stay_masked)} stay masked (only nn.Linear and Conv1D layers "
-                      f"with a block pattern become block-sparse)", stacklevel=3)
+        warnings.warn(f"fast mode: {', '.join(stay_masked)} stay masked (only plain Linear, Conv1D, Conv1d "
+                      f"and Conv2d layers with a block pattern and no hooks become block-sparse)", stacklevel=3)
     return groups
