@@ -354,8 +354,8 @@ def test_report_counts_a_tied_weight_once():
 @given(rows=st.integers(1, 30), cols=st.integers(1, 30), r=st.integers(1, 6), c=st.integers(1, 6),
        conv=st.booleans(), seed=st.integers(0, 10))
 def test_group_scores_of_a_plain_grid_equal_the_indexed_sums(rows, cols, r, c, conv, seed):
-    """Units of one weight sum their blocks by reshaping; every other unit goes through the group
-    index of each entry. Both must give the same means and sizes."""
+    """Units of one weight sum, select and expand their blocks by reshaping; every other unit goes
+    through the group index of each entry. Both must give the same results."""
     from sparsenets.targets import Unit
 
     layer = nn.Conv1d(cols, rows, 1) if conv else nn.Linear(cols, rows)
@@ -366,3 +366,14 @@ def test_group_scores_of_a_plain_grid_equal_the_indexed_sums(rows, cols, r, c, c
     indexed._grid = lambda: None  # the general path, as for units of several weights
     torch.testing.assert_close(unit.group_sizes(), indexed.group_sizes())
     torch.testing.assert_close(unit.group_scores(scores), indexed.group_scores(scores))
+    name = unit.weights[0].qualname
+    pruned = {name: scores[name].masked_fill(scores[name] < 0.3, float("-inf"))}  # some already pruned
+    for got, want in zip(unit.live_groups(pruned), indexed.live_groups(pruned)):
+        torch.testing.assert_close(got, want)
+    keep = torch.rand(unit.n_groups, generator=torch.Generator().manual_seed(seed)) < 0.5
+    masks = unit.expand(keep)
+    assert torch.equal(masks[name], indexed.expand(keep)[name]) and masks[name].shape == layer.weight.shape
+    assert unit.conforms(masks) and indexed.conforms(masks)
+    ragged = {name: torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(seed)) < 0.5}
+    assert unit.conforms(ragged) == indexed.conforms(ragged)
+    assert unit.weights[0].group_ids is None  # the ids of every entry are never held

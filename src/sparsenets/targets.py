@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .gemm import block_sizes, block_sums, expert_weight_names, from_gemm, is_experts, is_hf_conv1d, to_gemm
+from .gemm import block_sizes, block_sums, expert_weight_names, from_gemm, is_experts, is_hf_conv1d, n_blocks, to_gemm
 from .patterns import Pattern
 
 # Layer kinds we can sparsify, by class name (matched anywhere in the MRO, so subclasses count).
@@ -79,9 +79,10 @@ class Member:
     module_name: str
     param: str
     module: nn.Module
-    group_ids: Tensor | None  # None for patterns that select locally (N:M), and made on demand when elementwise
+    group_ids: Tensor | None  # None for patterns that select locally (N:M), and when made on demand
     is_weight: bool = True  # weights are scored and counted; biases follow their groups
-    elementwise_offset: int | None = None  # elementwise: ids are offset + element index, never stored
+    # (pattern, offset) when the ids are never stored: offset + the pattern's group ids, made on demand
+    made_from: tuple[Pattern, int] | None = None
 
     @property
     def qualname(self) -> str:
@@ -92,11 +93,13 @@ class Member:
 
     @property
     def ids(self) -> Tensor:
-        """``group_ids``, for a pattern that has groups. Elementwise ids are one per element, as many
-        as the weights themselves: made when asked for rather than held for every layer."""
-        if self.group_ids is None and self.elementwise_offset is not None:
+        """``group_ids``, for a pattern that has groups. Ids are one int64 per element, as many as
+        the weights themselves: for entries and blocks they are made when asked for (which the
+        usual paths avoid) rather than held for every layer."""
+        if self.group_ids is None and self.made_from is not None:
+            pattern, offset = self.made_from
             rows, cols = to_gemm(self.module, self.tensor()).shape
-            return torch.arange(self.elementwise_offset, self.elementwise_offset + rows * cols).view(rows, cols)
+            return pattern.group_ids(rows, cols)[0] + offset
         assert self.group_ids is not None, f"{self.qualname}: its pattern selects locally and has no groups"
         return self.group_ids
 
@@ -125,7 +128,7 @@ class Unit:
         row-major order (most units), and the grid's block (1 × 1 for entries): sums over its
         groups then need no index of every entry."""
         weights, block = self.weights, self.pattern.block_shape
-        if len(weights) != 1 or self.expert_of_group is not None or self.pattern.selects_locally:
+        if len(self.members) != 1 or self.expert_of_group is not None or self.pattern.selects_locally:
             return None
         if self.pattern.elementwise:
             return weights[0], (1, 1)
@@ -158,6 +161,12 @@ class Unit:
     def live_groups(self, scores: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(mean score, element count) of each group over its live elements, those not scored −inf
         (already pruned). A group with nothing live scores −inf and counts 0."""
+        if (grid := self._grid()) is not None:
+            member, block = grid
+            gemm = to_gemm(member.module, scores[member.qualname]).to("cpu", torch.float64)
+            alive = gemm != float("-inf")
+            total, live = (block_sums(t, block).reshape(-1) for t in (torch.where(alive, gemm, 0.0), alive.double()))
+            return torch.where(live > 0, total / live.clamp(min=1), float("-inf")), live
         total = torch.zeros(self.n_groups, dtype=torch.float64)
         live = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
@@ -175,6 +184,11 @@ class Unit:
             return True
         if self.pattern.selects_locally:
             return all(self.pattern.conforms(to_gemm(m.module, masks[m.qualname])) for m in self.weights)
+        if (grid := self._grid()) is not None:
+            member, block = grid
+            mask = to_gemm(member.module, masks[member.qualname]).to("cpu", torch.float64)
+            kept = block_sums(mask, block).reshape(-1)
+            return bool(((kept == 0) | (kept == self.group_sizes())).all())
         kept = torch.zeros(self.n_groups, dtype=torch.float64)
         for m in self.weights:
             mask = to_gemm(m.module, masks[m.qualname]).reshape(-1).cpu()
@@ -183,6 +197,12 @@ class Unit:
 
     def expand(self, keep: Tensor) -> dict[str, Tensor]:
         """Turn a per-group keep vector into element masks for every member."""
+        if (grid := self._grid()) is not None:  # blocks repeated into place, no index of every entry
+            member, (r, c) = grid
+            rows, cols = to_gemm(member.module, member.tensor()).shape
+            grid_keep = keep.view(n_blocks(rows, r), n_blocks(cols, c))
+            gemm = grid_keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
+            return {member.qualname: from_gemm(member.module, gemm, member.tensor().shape)}
         masks = {}
         for m in self.members:
             shape = m.tensor().shape
@@ -201,18 +221,19 @@ def _layer_unit(name: str, module: nn.Module, pattern: Pattern) -> Unit:
         rows, cols = to_gemm(module, weight).shape
         rows //= experts  # an expert bank stacks its experts' GEMM forms; groups never span two experts
         pattern.check(rows, cols, name)
-        offset = None
+        made_from = None
         if pattern.selects_locally:
             ids = None
-        elif pattern.elementwise and experts == 1:
-            ids, offset = None, n_groups
-            n_groups += rows * cols
+        elif experts == 1 and not is_experts(module) and (pattern.elementwise or pattern.block_shape is not None):
+            ids, made_from = None, (pattern, n_groups)
+            r, c = pattern.block_shape or (1, 1)
+            n_groups += n_blocks(rows, r) * n_blocks(cols, c)
         else:
             ids, n = pattern.group_ids(rows, cols)
             ids = torch.cat([ids + n_groups + e * n for e in range(experts)])
             n_groups += experts * n
             owners.append(torch.arange(experts).repeat_interleave(n))
-        members.append(Member(name, param, module, ids, elementwise_offset=offset))
+        members.append(Member(name, param, module, ids, made_from=made_from))
         if experts > 1:
             dims += [(rows, cols)] * experts
         else:

@@ -63,7 +63,7 @@ class MaskedGroups:
         return self.unit.group_sizes()
 
     def active(self) -> Tensor:
-        masks = {m.qualname: _mask(m.module, m.param).mask.cpu().double() for m in self.unit.weights}
+        masks = {m.qualname: _mask(m.module, m.param).mask.cpu() for m in self.unit.weights}
         return self.unit.group_scores(masks) > 0.5
 
     def magnitudes(self) -> Tensor:
