@@ -32,3 +32,14 @@ def mask_of(model: nn.Module, qualname: str) -> torch.Tensor:
 
 def snapshot(model: nn.Module) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_compiled_matches_eager(model: nn.Module, x: torch.Tensor, **compile_options) -> None:
+    """``torch.compile(model, fullgraph=True)`` gives the eager outputs and gradients (input and parameters)."""
+    compiled = torch.compile(model, fullgraph=True, **compile_options)
+    y, y_ref = compiled(x), model(x)
+    torch.testing.assert_close(y, y_ref)
+    got = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
+    want = torch.autograd.grad(y_ref.square().sum(), [x, *model.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -18,6 +18,8 @@ from sparsenets.kernels.cpu import gather
 from sparsenets.layers import NMSparseLinear
 from sparsenets.patterns import parse_pattern
 
+from helpers import assert_compiled_matches_eager
+
 needs_kernels = pytest.mark.skipif(not gather.available(), reason="no C compiler for the CPU kernels")
 PATTERNS = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (3, 8), (2, 3)]
 
@@ -147,14 +149,7 @@ def _model() -> nn.Module:
 
 def test_compile_fullgraph_matches_eager():
     model = _model()
-    x = torch.randn(70, 16, requires_grad=True)
-    compiled = torch.compile(model, fullgraph=True)
-    y, y_ref = compiled(x), model(x)
-    torch.testing.assert_close(y, y_ref)
-    got = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
-    want = torch.autograd.grad(y_ref.square().sum(), [x, *model.parameters()])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, torch.randn(70, 16, requires_grad=True))
 
 
 def test_export_captures_the_op():

@@ -19,6 +19,8 @@ from sparsenets.kernels import csr
 from sparsenets.kernels.cpu import build, gather
 from sparsenets.layers import CSRLinear
 
+from helpers import assert_compiled_matches_eager
+
 pytestmark = pytest.mark.skipif(not gather.available(), reason="no C compiler for the CPU kernels")
 
 
@@ -178,14 +180,7 @@ def _model() -> nn.Module:
 
 def test_compile_fullgraph_and_export():
     model = _model()
-    x = torch.randn(70, 16, requires_grad=True)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    y, y_ref = compiled(x), model(x)
-    torch.testing.assert_close(y, y_ref)
-    got = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
-    want = torch.autograd.grad(y_ref.square().sum(), [x, *model.parameters()])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, torch.randn(70, 16, requires_grad=True), backend="aot_eager")
     with torch.no_grad():
         program = torch.export.export(model, (torch.randn(5, 16),))
     ops = {str(node.target) for node in program.graph.nodes}

@@ -95,9 +95,14 @@ class _BlockSparseGemm(nn.Module):
                              f"got {layout.nnz}")
         source = block_sources(self.layout, layout)
         remap_blocks_(self.values, source)
+        self._rewrite_structure(layout)
+        return source
+
+    @torch.no_grad()
+    def _rewrite_structure(self, layout: BlockLayout) -> None:
+        """Copy a layout of as many blocks into the index buffers, which stay the same tensors."""
         for name in ("row_ptr", "col_idx", *_DERIVED):
             getattr(self, name).copy_(getattr(layout, name))
-        return source
 
     def _gemm(self, x: Tensor) -> Tensor:
         return block_sparse_linear(x, self.values, self.layout, self.bias)
@@ -115,9 +120,7 @@ class _BlockSparseGemm(nn.Module):
             layout = BlockLayout.from_csr(row_ptr.to(device), col_idx.to(device),
                                           (self.out_features, self.in_features), self.block)
             if layout.nnz == self.layout.nnz:  # rewire in place: an optimizer built on this layer keeps working
-                with torch.no_grad():
-                    for name in ("row_ptr", "col_idx", *_DERIVED):
-                        getattr(self, name).copy_(getattr(layout, name))
+                self._rewrite_structure(layout)
             else:
                 self._set_structure(layout)
                 self.values = nn.Parameter(self.values.new_zeros(layout.nnz, *self.block))

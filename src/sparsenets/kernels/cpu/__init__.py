@@ -16,34 +16,28 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
-from .build import load_or_warn
+from .build import Signature, load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+_SIGNATURES: dict[str, Signature] = {
+    "bsp_spmm": ([_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr,
+                  _int], _int),
+    "bsp_pack_panels": ([_i64, _ptr, _ptr, _i64, _i64, _int, _ptr, _int], None),
+    "bsp_panel_floats": ([_i64, _i64, _i64], _i64),
+    "bsp_sddmm": ([_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int], _int),
+    "bsp_gemv": ([_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int], None),
+    "bsp_vector_width": ([], _int),
+    "bsp_tile_rows": ([], _int),
+    "bsp_isa": ([], ctypes.c_char_p),
+}
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) when they cannot be built here."""
-    lib = load_or_warn("block_sparse.c", "using the slower torch fallback")
-    if lib is None:
-        return None
-    lib.bsp_spmm.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
-                             _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int]
-    lib.bsp_pack_panels.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
-    lib.bsp_pack_panels.restype = None
-    lib.bsp_panel_floats.argtypes = [_i64, _i64, _i64]
-    lib.bsp_panel_floats.restype = _i64
-    lib.bsp_spmm.restype = _int
-    lib.bsp_sddmm.argtypes = [_i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                              _ptr, _ptr, _ptr, _int]
-    lib.bsp_sddmm.restype = _int
-    lib.bsp_gemv.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64,
-                             _ptr, _ptr, _ptr, _ptr, _int]
-    lib.bsp_gemv.restype = None
-    lib.bsp_vector_width.restype = _int
-    lib.bsp_tile_rows.restype = _int
-    lib.bsp_isa.restype = ctypes.c_char_p
-    return lib
+    return load_or_warn("block_sparse.c", "using the slower torch fallback", _SIGNATURES)
 
 
 def available() -> bool:

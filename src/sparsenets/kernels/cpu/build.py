@@ -39,8 +39,9 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ...utils import cache
 
@@ -220,12 +221,20 @@ def load(source: Path | None = None) -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
 
 
-def load_or_warn(name: str, instead: str) -> ctypes.CDLL | None:
-    """The library of the C file ``name`` beside this module, or None after one ``RuntimeWarning``
-    saying why and what runs ``instead``."""
+# A C function's (argument types, result type) as ctypes declares them; None: no result.
+Signature = tuple[list[Any], Any]
+
+
+def load_or_warn(name: str, instead: str, signatures: Mapping[str, Signature]) -> ctypes.CDLL | None:
+    """The library of the C file ``name`` beside this module with each function of ``signatures``
+    declared, or None after one ``RuntimeWarning`` saying why and what runs ``instead``."""
     try:
-        return load(Path(__file__).with_name(name))
+        lib = load(Path(__file__).with_name(name))
     except (BuildError, OSError) as err:
         warnings.warn(f"sparsenets: {Path(name).stem} CPU kernels unavailable, {instead} ({err})",
                       RuntimeWarning, stacklevel=4)
         return None
+    for function, (argtypes, restype) in signatures.items():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = restype
+    return lib

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..layout import BlockLayout
 from . import threads_for
-from .build import load_or_warn
+from .build import Signature, load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 Pair = tuple[int, int]
@@ -26,20 +26,19 @@ _WORK_PER_THREAD = 1 << 18
 _threads = functools.partial(threads_for, per_thread=_WORK_PER_THREAD)
 
 
+_SIGNATURES: dict[str, Signature] = {
+    "bspc_forward": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], _int),
+    "bspc_input_grad": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], _int),
+    "bspc_values_grad": ([_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int], _int),
+    "bspc_vector_width": ([], _int),
+    "bspc_tile_rows": ([], _int),
+}
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) when they cannot be built here."""
-    lib = load_or_warn("conv.c", "unfolding patches instead")
-    if lib is None:
-        return None
-    lib.bspc_forward.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.bspc_input_grad.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.bspc_values_grad.argtypes = [_ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int]
-    for fn in (lib.bspc_forward, lib.bspc_input_grad, lib.bspc_values_grad):
-        fn.restype = _int
-    lib.bspc_vector_width.restype = _int
-    lib.bspc_tile_rows.restype = _int
-    return lib
+    return load_or_warn("conv.c", "unfolding patches instead", _SIGNATURES)
 
 
 def available() -> bool:

@@ -16,16 +16,17 @@ import torch
 from torch import Tensor
 
 from . import threads_for
-from .build import load_or_warn
+from .build import Signature, load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _IN = [_i64, _ptr, _i64, _i64]  # rows, data, row stride, column stride
-_SIGNATURES = {
-    "sn_csr_spmm": [*_IN, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "sn_nm_spmm": [*_IN, _i64, _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _ptr, _int],
-    "sn_csr_sddmm": [*_IN, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int],
-    "sn_nm_sddmm": [*_IN, _ptr, _i64, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int],
-    "sn_nm_input_grad": [*_IN, _i64, _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int],
+_SIGNATURES: dict[str, Signature] = {
+    "sn_csr_spmm": ([*_IN, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int], _int),
+    "sn_nm_spmm": ([*_IN, _i64, _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _ptr, _int], _int),
+    "sn_csr_sddmm": ([*_IN, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int], _int),
+    "sn_nm_sddmm": ([*_IN, _ptr, _i64, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int], _int),
+    "sn_nm_input_grad": ([*_IN, _i64, _ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int], _int),
+    "sn_vector_width": ([], _int),
 }
 # Multiply-adds worth a second thread: below this a fork-join (microseconds idle, up to a
 # scheduler slice on a busy machine) costs more than it saves.
@@ -36,14 +37,7 @@ _threads = functools.partial(threads_for, per_thread=WORK_PER_THREAD)
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) when they cannot be built here."""
-    lib = load_or_warn("gather.c", "unstructured and N:M layers use the slower torch fallback")
-    if lib is None:
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = _int
-    lib.sn_vector_width.restype = _int
-    return lib
+    return load_or_warn("gather.c", "unstructured and N:M layers use the slower torch fallback", _SIGNATURES)
 
 
 def available() -> bool:

@@ -13,23 +13,22 @@ import torch
 from torch import Tensor
 
 from . import threads_for
-from .build import load_or_warn
+from .build import Signature, load_or_warn
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # Elements worth a second thread: a memory-bound pass, so only large tensors split.
 ELEMENTS_PER_THREAD = 1 << 18
 
 
+_SIGNATURES: dict[str, Signature] = {
+    "sn_mask_f32": ([_ptr, _ptr, _i64, _int], None),
+    "sn_zero_dropped_f32": ([_ptr, _ptr, _i64, _int], _i64),
+}
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    lib = load_or_warn("masking.c", "masks are applied with torch ops")
-    if lib is None:
-        return None
-    lib.sn_mask_f32.argtypes = [_ptr, _ptr, _i64, _int]
-    lib.sn_mask_f32.restype = None
-    lib.sn_zero_dropped_f32.argtypes = [_ptr, _ptr, _i64, _int]
-    lib.sn_zero_dropped_f32.restype = _i64
-    return lib
+    return load_or_warn("masking.c", "masks are applied with torch ops", _SIGNATURES)
 
 
 def _kernels_for(x: Tensor, keep: Tensor) -> ctypes.CDLL | None:
