@@ -6,6 +6,8 @@ from .compression import compress
 from .compression.experts import prune_experts_
 from .config import SparsityConfig
 from .errors import CheckpointError, ConfigError, PatternError, RecipeError, RunDirError, SparsenetsError
+from .formats.factorize import FactorizeConfig, factorize_
+from .formats.more import MoReConfig, add_more_, merge_more_
 from .io import load, save
 from .layers.sparse_drop import sparse_drop_
 from .masking import finalize_
@@ -34,6 +36,8 @@ __all__ = [
     # core
     "SparsityConfig", "sparsify_", "finalize_", "report", "Report", "compress", "save", "load",
     "activation_density", "sparse_drop_", "prune_experts_",
+    # structured matrices
+    "FactorizeConfig", "factorize_", "MoReConfig", "add_more_", "merge_more_",
     # patterns
     "Pattern", "Unstructured", "Block", "NM", "Channel", "Head", "register_pattern",
     # methods

@@ -7,13 +7,17 @@ FLOPs count every use; an expert bank's rows count the routed share (top-k of th
 After the table, ``uncovered`` lists every parameter a default config leaves dense, one line
 per parameter group with the reason (embeddings are opt-in, norms and biases are 1-D, routers
 stay dense, ...), so what sparsenets does not prune is never silent.
+
+A structured layer (low-rank, Monarch, a MoRe-adapted layer) is one row: ``format`` names its
+structure, ``nonzeros`` counts the parameters it stores, ``density`` is that over the dense
+weight's size, and its FLOPs are two per stored weight and token, as for sparse layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from . import batches as B
 from .activations import input_density
+from .formats import is_structured
 from .gemm import is_experts, is_hf_conv1d
 from .layers.block_sparse import BlockSparseConv1d, BlockSparseConv2d, BlockSparseLinear
 from .masking import get_mask, parametrization_list
@@ -76,7 +81,7 @@ class Report:
         }
 
     def __str__(self) -> str:
-        header: tuple[str, ...] = ("layer", "shape", "pattern", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
+        header: tuple[str, ...] = ("layer", "shape", "format", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
         body: list[tuple[str, ...]] = [
             (_label(r), "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
              _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
@@ -160,14 +165,17 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
     batches; one is used) they count the real tokens and output positions, and each row
     also shows the density (nonzero fraction) of the layer's input activations on that batch.
     """
-    layers = [(n, m) for n, m in model.named_modules() if is_layer(m) or isinstance(m, BLOCK_SPARSE)]
+    structured = [(n, m) for n, m in model.named_modules() if is_structured(m)]
+    inside = {id(c) for _, m in structured for c in m.modules() if c is not m}  # a MoRe layer's base and adapter
+    layers = [(n, m) for n, m in model.named_modules()
+              if (is_layer(m) or isinstance(m, BLOCK_SPARSE) or is_structured(m)) and id(m) not in inside]
     uses = _uses_per_sample(model, layers, data)
     inputs = {} if data is None else input_density(model, layers, data)
     rows = []
     first_row: dict[int, str] = {}  # id of the stored tensor -> the row that counts it
     for name, module in layers:
         for row_name, weight, pattern, stored in _weights(name, module):
-            nonzeros = int(torch.count_nonzero(weight))
+            nonzeros = cast(Any, module).num_parameters() if is_structured(module) else int(torch.count_nonzero(weight))
             shape = tuple(weight.t().shape) if is_hf_conv1d(module) else tuple(weight.shape)
             n_uses = uses.get(name)
             if n_uses is not None and is_experts(module):
@@ -186,11 +194,16 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
             ))
             first_row.setdefault(id(stored), row_name)
     block_values = {id(m.values) for _, m in layers if isinstance(m, BLOCK_SPARSE)}
-    return Report(rows, uncovered(model, default_targets(model) | block_values))
+    factors = {id(p) for _, m in structured for p in m.parameters()}
+    return Report(rows, uncovered(model, default_targets(model) | block_values | factors))
 
 
 def _weights(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, torch.Tensor]]:
     """(row name, weight as the forward sees it, pattern, stored tensor) of each weight of a layer."""
+    if is_structured(module):  # factors: the row counts the parameters stored, the weight is their product
+        layer: Any = module
+        yield name or "(model)", layer.dense_weight().detach(), layer.format_name(), next(module.parameters())
+        return
     if isinstance(module, BLOCK_SPARSE):
         r, c = module.block
         yield name or "(model)", module.dense_weight().detach(), f"block:{r}x{c}", module.values

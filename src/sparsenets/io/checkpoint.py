@@ -21,13 +21,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..config import SparsityConfig
 from ..errors import CheckpointError
+from ..formats import is_structured
 from ..masking import attach, finalize_, masks
 from ..patterns import block_shape_of
 from ..record import get_record, has_record, set_record
@@ -37,7 +38,7 @@ from . import container
 from .encoding import decode, describe, encode
 
 FORMAT = "sparsenets-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: structured layers (low-rank, Monarch, MoRe); 2 files read as before
 EXPANSION_LIMIT = 1024  # 99.9%-sparse models stay well under it
 SMALL_MODEL_BYTES = 64 << 20
 SECTIONS = ("architecture", "tensors", "aliases", "masks", "replaced", "records", "attributes")
@@ -84,13 +85,17 @@ def _collect(model: nn.Module) -> dict[str, Any]:
     mask_of = {f"{m}.{t}" if m else t: (mask.mask, mask.pattern) for m, _, t, mask in masks(model)}
     state: dict[str, Tensor] = {}
     hints: dict[str, tuple[Tensor | None, tuple[int, int] | None]] = {}
-    replaced, attributes, records = {}, {}, {}
+    replaced, attributes, records, structured = {}, {}, {}, {}
     skip: list[str] = []
     for path, module in plain.named_modules():
         if any(path.startswith(p) for p in skip):
             continue
         if has_record(module):
             records[path] = vars(get_record(module))
+        if is_structured(module):  # stored as its own factors; load builds it from its arguments
+            structured[path] = {"kind": type(module).__name__, "init": _plain_tree(module.init_args())}
+            attributes[path] = {"training": module.training}
+            continue
         if A.is_replacement(module):
             part, structure, spec = _replacement_state(path, module)
             state.update(part)
@@ -111,7 +116,7 @@ def _collect(model: nn.Module) -> dict[str, Any]:
         if hint and key in state and key not in hints:
             hints[key] = (None, hint)
     return {"plain": plain, "state": state, "hints": hints, "replaced": replaced, "attributes": attributes,
-            "records": records, "masks": {k: p for k, (_, p) in mask_of.items()}}
+            "records": records, "structured": structured, "masks": {k: p for k, (_, p) in mask_of.items()}}
 
 
 def _encode_all(collected: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
@@ -155,12 +160,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict[str, A
         config = config.to_dict()
     collected = _collect(model)
     tensors, descriptors, aliases = _encode_all(collected)
-    header = {
-        "format": FORMAT, "version": VERSION, "torch": torch.__version__,
+    header = {  # files with structured layers say version 3, so older readers ask for an upgrade
+        "format": FORMAT, "version": VERSION if collected["structured"] else 2, "torch": torch.__version__,
         "architecture": A.describe_architecture(collected["plain"], architecture),
         "tensors": descriptors, "aliases": aliases, "masks": collected["masks"],
         "replaced": collected["replaced"], "records": collected["records"],
-        "attributes": collected["attributes"], "config": config, "metadata": metadata or {},
+        "attributes": collected["attributes"], "structured": collected["structured"], "config": config,
+        "metadata": metadata or {},
     }
     try:
         text = json.dumps(header)
@@ -194,7 +200,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if header["version"] > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {header['version']} is newer than this "
                               f"sparsenets reads ({VERSION}); upgrade sparsenets")
-    for section in SECTIONS:
+    header.setdefault("structured", {})
+    for section in (*SECTIONS, "structured"):
         if not isinstance(header.get(section), dict):
             raise CheckpointError(f"{path}: damaged header: {section!r} must be an object, "
                                   f"got {type(header.get(section)).__name__}")
@@ -231,6 +238,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     skeleton = A.given_model(model) if model is not None else _build(header, path)
     modes = _modes(skeleton) if isinstance(model, nn.Module) else None  # the caller's model keeps its mode
     try:
+        skeleton = _structured_layers(skeleton, header)
         _check_fits(skeleton, header)
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: the file does not fit the model it is loaded into: {err}") from None
@@ -264,6 +272,51 @@ def _build(header: dict, path: Path) -> nn.Module:
     built = A.build_architecture(architecture)
     assert built is not None  # the probe was built from the same description
     return built
+
+
+def _structured_layers(model: nn.Module, header: dict) -> nn.Module:
+    """``model`` with the structured layers the file holds in place of its dense ones.
+
+    Only classes of :func:`~sparsenets.formats.structured_classes` are built, each first on the
+    meta device, and only when its parameters have exactly the shapes the file stores: a forged
+    header can't make ``load`` allocate more than the file describes.
+    """
+    from ..formats import structured_classes
+
+    classes = structured_classes()
+    for path, spec in header["structured"].items():
+        if not isinstance(spec, dict) or spec.get("kind") not in classes or not isinstance(spec.get("init"), dict):
+            raise ValueError(f"'{path}': not a structured layer sparsenets builds: {spec!r}")
+        cls, init = classes[spec["kind"]], _unplain_tree(spec["init"])
+        current = _find(model, path)
+        if type(current) is cls and _plain_tree(cast(Any, current).init_args()) == spec["init"]:
+            continue  # the caller's model already has it
+        with torch.device("meta"):
+            probe = cls(**init)
+        for name, tensor in probe.state_dict().items():
+            key = f"{path}.{name}" if path else name
+            info = header["tensors"].get(key) or header["tensors"].get(header["aliases"].get(key, ""))
+            if info is None or tuple(info["shape"]) != tuple(tensor.shape):
+                raise ValueError(f"'{key}': the structured layer {spec['kind']}({init}) has shape "
+                                 f"{tuple(tensor.shape)}, the file {None if info is None else tuple(info['shape'])}")
+        layer = cls(**init)
+        if not path:
+            return layer
+        model.set_submodule(path, layer)
+    return model
+
+
+def _plain_tree(value: Any) -> Any:
+    """Constructor arguments as JSON values; nested dicts (a wrapped layer's description) kept."""
+    if isinstance(value, dict):
+        return {"dict": {str(k): _plain_tree(v) for k, v in value.items()}}
+    return A.plain(value)
+
+
+def _unplain_tree(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"dict"} and isinstance(value["dict"], dict):
+        return {k: _unplain_tree(v) for k, v in value["dict"].items()}
+    return A.unplain(value)
 
 
 def _resizable(header: dict, module_path: str) -> bool:
