@@ -28,6 +28,7 @@ from .methods import (
                       lottery_jackpot_,
 )
 from .patterns import NM, Block, Channel, Head, Pattern, Unstructured, register_pattern
+from .quant import QuantConfig, quantize_
 from .report import Report, report
 from .sparsify import sparsify_
 
@@ -38,6 +39,8 @@ __all__ = [
     "activation_density", "sparse_drop_", "prune_experts_",
     # structured matrices
     "FactorizeConfig", "factorize_", "MoReConfig", "add_more_", "merge_more_",
+    # quantization
+    "QuantConfig", "quantize_",
     # patterns
     "Pattern", "Unstructured", "Block", "NM", "Channel", "Head", "register_pattern",
     # methods

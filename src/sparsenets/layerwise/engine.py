@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 Masks = dict[str, Tensor]
 # called once per block after it is pruned: (stack, block index, seconds it took)
 BlockDone = Callable[[Stack, int, float], None]
+# rebuilds one unit from its layers' input statistics and target sparsity, returns its masks:
+# stands in for the criterion's own selection (quantization solves each layer this way)
+Solver = Callable[[Unit, dict[nn.Module, InputStats], float], Masks]
 # |W|·‖X‖ (just |W| without input statistics): what OWL counts outliers in, whatever the criterion
 WANDA_SCORES = Criterion("wanda scores", None, needs_data=True, row_wise=True, layer_stats="norms")
 
@@ -67,11 +70,12 @@ def _inside(name: str, block: str) -> bool:
 
 def prune_layerwise(model: nn.Module, units: list[Unit], config: SparsityConfig, criterion: Criterion,
                     batches: list, apply: Callable[[Unit, Masks], None], *,
-                    skip_blocks: int = 0, on_block: BlockDone | None = None) -> None:
+                    skip_blocks: int = 0, on_block: BlockDone | None = None, solve: Solver | None = None) -> None:
     """Prune ``units`` of ``model`` in place; ``apply(unit, masks)`` attaches each unit's masks.
 
     ``skip_blocks`` blocks of the first stack are taken as already pruned (a resumed run): their
-    inputs still flow through them, unchanged.
+    inputs still flow through them, unchanged. ``solve(unit, stats, target)``, if given, replaces
+    the criterion's selection for every unit (the statistics are still the criterion's).
     """
     if criterion.layer_stats == "weights":
         targets = _targets(units, config, lambda: {u.name: outlier_ratio(_scores(u, WANDA_SCORES, {}, config))
@@ -92,7 +96,7 @@ def prune_layerwise(model: nn.Module, units: list[Unit], config: SparsityConfig,
                 if block_units and not (s == 0 and b < skip_blocks):
                     stats = _collect_block(block, block_units, calls, criterion)
                     for i, unit in enumerate(block_units):
-                        apply(unit, _select(unit, criterion, stats, config, targets[unit.name]))
+                        apply(unit, _select(unit, criterion, stats, config, targets[unit.name], solve))
                         _release(stats, block_units[i + 1:])
                     del stats
                 calls = _forward(block, calls)
@@ -102,7 +106,7 @@ def prune_layerwise(model: nn.Module, units: list[Unit], config: SparsityConfig,
         if plan.rest:
             stats = _collect_whole(model, plan.rest, batches, criterion)
             for unit in plan.rest:
-                apply(unit, _select(unit, criterion, stats, config, targets[unit.name]))
+                apply(unit, _select(unit, criterion, stats, config, targets[unit.name], solve))
     finally:
         model.train(modes[model])  # masks attached meanwhile follow the model's own mode
         for module, training in modes.items():
@@ -216,7 +220,9 @@ def _scores(unit: Unit, criterion: Criterion, stats: dict[nn.Module, InputStats]
 
 
 def _select(unit: Unit, criterion: Criterion, stats: dict[nn.Module, InputStats], config: SparsityConfig,
-            target: float) -> Masks:
+            target: float, solve: Solver | None = None) -> Masks:
+    if solve is not None:
+        return solve(unit, stats, target)
     if criterion.layer_stats == "gram":
         return _sparsegpt(unit, stats, target)
     from ..sparsify import select_unit  # selection lives with sparsify_, which imports this module

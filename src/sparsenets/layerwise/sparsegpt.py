@@ -11,11 +11,16 @@ which keeps the work memory-bound on a small tile instead of the whole weight.
 Masks are chosen as the paper does: at the start of each lazy block for unstructured and block
 patterns (lowest OBS score ``w² / [H⁻¹]_jj²`` over the rows × block tile), and at each group's first
 input for N:M (inside a group, with the values already updated by the inputs before it).
+
+With a ``quantizer`` the same sweep is GPTQ (Frantar et al. 2023), jointly with the pruning: each
+input's target is 0 where pruned and its quantized value where kept, and the OBS update spreads
+the difference over the inputs still to come (at sparsity 0, plain GPTQ).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -27,8 +32,22 @@ _RETRIES = 3  # extra Cholesky attempts, each with ten times the dampening
 _INNER = 16  # inputs updated one by one; the rest of a lazy block takes their updates as one GEMM
 
 
+class Quantizer(Protocol):
+    """Rounds one input's weights at a time. ``begin(block, start)`` comes before any input of a
+    group is rounded, with that group's current (already updated) weights, inputs × outputs, the
+    entries pruned so far zeroed; ``group_size`` None: one group, begun at input 0 with the whole
+    matrix. ``quantizer(values, j)`` returns input ``j``'s outputs (rows,) on the grid."""
+
+    group_size: int | None
+
+    def begin(self, block: Tensor, start: int) -> None: ...
+
+    def __call__(self, values: Tensor, j: int) -> Tensor: ...
+
+
 def sparsegpt_prune_(weight: Tensor, gram: Tensor, pattern: Pattern, sparsity: float, *,
-                     keep: Tensor | None = None, blocksize: int = 128, damp: float = 0.01) -> Tensor:
+                     keep: Tensor | None = None, blocksize: int = 128, damp: float = 0.01,
+                     quantizer: Quantizer | None = None) -> Tensor:
     """Prune ``weight`` (GEMM form, rows × cols) in place to ``sparsity`` with ``pattern`` and
     return its keep-mask; ``gram`` is Σ xxᵀ over the calibration inputs (cols × cols).
 
@@ -50,6 +69,11 @@ def sparsegpt_prune_(weight: Tensor, gram: Tensor, pattern: Pattern, sparsity: f
     output there, so their weights are set to 0 at no cost. They are not forced out of the mask: at
     OBS score 0 the selection prunes them first, but if the pattern or the target leaves some of them
     kept, the mask says kept (value 0) so that the mask keeps the pattern and the exact sparsity.
+
+    ``quantizer`` (see :class:`Quantizer`): the kept weights end on its grid, each input's rounding
+    error compensated like a pruned weight's. Its groups begin where every input of the group is up
+    to date: the group size is a multiple of the inner block, or the inner block is made a multiple
+    of it; the lazy block is rounded down to a multiple of both.
     """
     rows, cols = _check_args(weight, gram, pattern, sparsity, keep, damp)
     pattern.check(rows, cols, "sparsegpt weight")
@@ -57,6 +81,14 @@ def sparsegpt_prune_(weight: Tensor, gram: Tensor, pattern: Pattern, sparsity: f
         raise ConfigError(f"blocksize must be >= 1, got {blocksize}")
     nm, shape = pattern.n_m, pattern.block_shape
     step = nm[1] if nm else shape[1] if shape else 1
+    inner = step * max(1, _INNER // step)  # N:M groups must not straddle inner blocks either
+    group = quantizer.group_size if quantizer is not None else None
+    if group is not None:
+        # a group must begin where all its inputs are current: at an inner block's start (the rest of
+        # the lazy block is then up to date) with the group inside the lazy block, or inside one inner block
+        if group % inner:
+            inner = math.lcm(step, group * max(1, _INNER // group))
+        step = math.lcm(inner, group)
     blocksize = max(step, blocksize // step * step)
     device = weight.device
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -68,7 +100,7 @@ def sparsegpt_prune_(weight: Tensor, gram: Tensor, pattern: Pattern, sparsity: f
     target = min(rows * cols, round(sparsity * rows * cols))
     if nm is None and target <= int(pruned.sum()):
         target = int(pruned.sum())
-        if not pruned.any():
+        if not pruned.any() and quantizer is None:
             return torch.ones(rows, cols, dtype=torch.bool, device=device)  # nothing to prune
 
     exact = dtype == torch.float64 or cols <= _FACTOR_DTYPE_LIMIT
@@ -82,7 +114,8 @@ def sparsegpt_prune_(weight: Tensor, gram: Tensor, pattern: Pattern, sparsity: f
     w[dead] = 0
     quotas = _quotas(blocksize, cols, rows, pattern, pruned, target) if nm is None else []
 
-    inner = step * max(1, _INNER // step)  # N:M groups must not straddle inner blocks either
+    if quantizer is not None and group is None:
+        quantizer.begin(w.masked_fill(pruned, 0), 0)
     carry = 0.0
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
@@ -98,10 +131,20 @@ def sparsegpt_prune_(weight: Tensor, gram: Tensor, pattern: Pattern, sparsity: f
                 if nm is not None and j % nm[1] == 0:
                     _select_nm_(pb[j:j + nm[1]], wb[j:j + nm[1]], db[j:j + nm[1]], nm)
                 e = eb[j]
-                torch.mul(wb[j], pb[j], out=e)
+                if quantizer is None:
+                    torch.mul(wb[j], pb[j], out=e)
+                else:
+                    if group is not None and (k1 + j) % group == 0:
+                        g2 = min(k1 + j + group, cols)
+                        quantizer.begin(w[k1 + j:g2].masked_fill(pruned[k1 + j:g2], 0), k1 + j)
+                    q = quantizer(wb[j], k1 + j).to(dtype).masked_fill(pb[j], 0)
+                    torch.sub(wb[j], q, out=e)
                 e /= db[j]
                 wb[j + 1:].addr_(ub[j, j + 1:], e, alpha=-1)  # OBS update of the inputs still to come
-                wb[j].masked_fill_(pb[j], 0)
+                if quantizer is None:
+                    wb[j].masked_fill_(pb[j], 0)
+                else:
+                    wb[j].copy_(q)
             if k2 < i2:
                 w[k2:i2].addmm_(u[k1:k2, k2:i2].t(), eb, alpha=-1)
         if i2 < cols:

@@ -25,6 +25,10 @@ Splits: the text is cut at paragraph breaks into chunks of about :data:`CHUNK` c
 every 20 consecutive chunks the 19th is validation, the 20th test, the rest train. Held-out
 text is so never a paragraph that also appears in train, yet it samples the whole corpus
 rather than only the topics at the end of the alphabet.
+
+Domains: :func:`domain_text` splits a split further into its ``"code"`` paragraphs (every
+non-empty line indented by 3 spaces: the code samples, ~36% of train) and its ``"prose"``
+(the rest), for experiments on a shift of domain.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ DATA = Path(__file__).with_name("corpus.txt.gz")
 SHA256 = "e0fedef82441ccc5ebd48b141f4358372243542fe83fc85b5cf54ec31f353a34"
 SOURCE = "CPython 3.11.7 pydoc_data.topics (Python documentation help topics), PSF License"
 SPLITS = ("train", "validation", "test")
+KINDS = ("prose", "code")
 CHUNK = 4_000
 GROUP = 20
 
@@ -70,6 +75,28 @@ def corpus_text(split: str) -> str:
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     return _splits(DATA)[split]
+
+
+def _is_code(paragraph: str) -> bool:
+    lines = [line for line in paragraph.split("\n") if line.strip()]
+    return bool(lines) and all(line.startswith("   ") for line in lines)
+
+
+@functools.lru_cache(maxsize=8)
+def _domain(path: Path, split: str, kind: str) -> str:
+    code = kind == "code"
+    return "\n\n".join(p for p in _splits(path)[split].split("\n\n") if _is_code(p) == code)
+
+
+def domain_text(split: str, kind: str) -> str:
+    """The ``"prose"`` or ``"code"`` paragraphs of ``split`` (see :func:`corpus_text`), in corpus
+    order, joined by blank lines as in the corpus; code paragraphs are those whose every non-empty
+    line starts with 3 spaces. The same on every call."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    if kind not in KINDS:
+        raise ConfigError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    return _domain(DATA, split, kind)
 
 
 def corpus_info() -> dict:

@@ -3,7 +3,10 @@
 It is a ``transformers.LlamaForCausalLM`` (RMSNorm, rotary positions, grouped-query attention,
 SwiGLU) at a size a 2-core CPU trains in minutes, on the byte-level tokenizer, so comparisons
 of pruning methods on it run offline and exercise the same module names as a real Llama.
-Training is seeded (initialisation and batches), AdamW with linear warmup then cosine decay.
+Training is seeded (initialisation and batches), AdamW with linear warmup then cosine decay;
+:func:`fine_tune` runs the same recipe on any model's trainable parameters (adapters, healing).
+``LMConfig(data="prose")`` (or ``"code"``) trains on one kind of paragraph only, a base model
+for experiments on adapting to a new domain.
 
 A trained model is cached under ``sparsenets.utils.cache.root()/lm``, keyed by the config,
 the steps, the corpus' sha256 and the torch and transformers versions, so a model trained
@@ -50,6 +53,19 @@ class LMConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     seed: int = 0
+    data: str = "all"  # the train split's "all" text, or only its "prose" or "code" paragraphs (domain_text)
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA:
+            raise ConfigError(f"data={self.data!r}: expected one of {', '.join(DATA)}")
+
+
+DATA = ("all", *corpus.KINDS)
+
+
+def training_text(config: LMConfig) -> str:
+    """The text ``config`` trains on: the train split, or its paragraphs of one kind."""
+    return corpus.corpus_text("train") if config.data == "all" else corpus.domain_text("train", config.data)
 
 
 def untrained_lm(config: LMConfig | None = None) -> Any:
@@ -70,29 +86,44 @@ def untrained_lm(config: LMConfig | None = None) -> Any:
 
 def train_lm(config: LMConfig | None = None, steps: int | None = None, *, progress: bool = False) -> Any:
     """Train :func:`untrained_lm` for ``steps`` (default ``config.steps``; the warmup and cosine
-    decay span them) on the train split; no cache."""
+    decay span them) on the train split (or its ``config.data`` paragraphs); no cache."""
     config = config or LMConfig()
     steps = config.steps if steps is None else steps
+    return fine_tune(untrained_lm(config), encode(training_text(config)), steps=steps, lr=config.lr,
+                     seq_len=config.seq_len, batch_size=config.batch_size, warmup_steps=config.warmup_steps,
+                     weight_decay=config.weight_decay, seed=config.seed, progress=progress,
+                     label="training the built-in LM")
+
+
+def fine_tune(model: Any, ids: torch.Tensor, *, steps: int, lr: float, seq_len: int = 256, batch_size: int = 8,
+              warmup_steps: int = 0, weight_decay: float = 0.0, seed: int = 0, progress: bool = False,
+              label: str = "fine-tuning") -> Any:
+    """Train ``model``'s parameters that require grad, in place, on ``steps`` batches of random
+    ``seq_len`` windows of ``ids`` (seeded by ``seed``): next-token cross-entropy, AdamW (no weight
+    decay on vectors: norms' gains, biases), linear warmup then cosine decay to 0, gradients
+    clipped to norm 1. The recipe :func:`train_lm` trains with; returns ``model`` in eval mode."""
     if steps < 1:
         raise ConfigError(f"steps={steps}: must be at least 1")
-    model = untrained_lm(config).train()
-    ids = encode(corpus.corpus_text("train"))
-    generator = torch.Generator().manual_seed(config.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms' gains
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, config.warmup_steps))
-    bar = Progress(steps, "training the built-in LM", progress)
+    if not 2 <= seq_len <= ids.numel():
+        raise ConfigError(f"seq_len={seq_len}: must be between 2 and the {ids.numel()} tokens given")
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    rest = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, warmup_steps))
+    bar = Progress(steps, label, progress)
     try:
         for _ in range(steps):
-            starts = torch.randint(0, ids.numel() - config.seq_len + 1, (config.batch_size,), generator=generator)
-            batch = torch.stack([ids[s: s + config.seq_len] for s in starts.tolist()])
+            starts = torch.randint(0, ids.numel() - seq_len + 1, (batch_size,), generator=generator)
+            batch = torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
             logits = model(input_ids=batch).logits[:, :-1]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             bar.update(note=f"loss {loss.item():.3f}")
@@ -111,7 +142,10 @@ def cache_key(config: LMConfig, steps: int) -> str:
     """What a cached model must match: anything that changes the trained weights."""
     import transformers
 
-    what = {"config": dataclasses.asdict(config), "steps": steps, "corpus": corpus.SHA256,
+    fields = dataclasses.asdict(config)
+    if config.data == "all":  # the key from before the field existed: models cached then stay valid
+        del fields["data"]
+    what = {"config": fields, "steps": steps, "corpus": corpus.SHA256,
             "torch": torch.__version__, "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
