@@ -262,3 +262,23 @@ def test_quantize_gpt2_conv1d():
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, QuantizedLinear) and layer.codes.shape == (96, 32) and layer.bias is not None
     assert float((after - before).abs().max()) < 0.02 * float(before.abs().max())
+
+
+def test_quantized_models_report_their_format_and_save_their_integer_codes(tmp_path):
+    import sparsenets as sn
+    from sparsenets.io.checkpoint import read_checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    dense_file = sn.save(model, tmp_path / "dense.safetensors")
+    sn.quantize_(model, {"bits": 4, "group_size": 32, "method": "rtn", "exclude": ["2"]})
+    rows = {r.name: r for r in sn.report(model).rows}
+    assert rows["0"].pattern == "int4:g32" and rows["2"].pattern == "dense"
+    path = sn.save(model, tmp_path / "q.safetensors")
+    header, stored = read_checkpoint(path)
+    assert header["structured"]["0"]["kind"] == "QuantizedLinear" and stored["0.codes"].dtype == torch.int8
+    assert path.stat().st_size < dense_file.stat().st_size * 0.6  # int8 codes, not float weights
+    loaded = sn.load(path)  # no model needed: the file describes it
+    assert isinstance(loaded[0], QuantizedLinear)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded(x), model(x))

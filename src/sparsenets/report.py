@@ -194,7 +194,7 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
             ))
             first_row.setdefault(id(stored), row_name)
     block_values = {id(m.values) for _, m in layers if isinstance(m, BLOCK_SPARSE)}
-    factors = {id(p) for _, m in structured for p in m.parameters()}
+    factors = {id(p) for _, m in structured for p in [*m.parameters(), *m.buffers()]}
     return Report(rows, uncovered(model, default_targets(model) | block_values | factors))
 
 
@@ -202,7 +202,8 @@ def _weights(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, 
     """(row name, weight as the forward sees it, pattern, stored tensor) of each weight of a layer."""
     if is_structured(module):  # factors: the row counts the parameters stored, the weight is their product
         layer: Any = module
-        yield name or "(model)", layer.dense_weight().detach(), layer.format_name(), next(module.parameters())
+        stored = next(iter([*module.parameters(), *module.buffers()]))
+        yield name or "(model)", layer.dense_weight().detach(), layer.format_name(), stored
         return
     if isinstance(module, BLOCK_SPARSE):
         r, c = module.block

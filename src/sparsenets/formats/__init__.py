@@ -1,4 +1,5 @@
-"""Structured matrices beside sparsity: low-rank factors, Monarch products, MoRe adapters.
+"""Structured matrices beside sparsity: low-rank factors, Monarch products, MoRe adapters
+(and, stored the same way, quantized layers' integer codes).
 
 A structured layer stands in for a dense ``nn.Linear`` and stores only its factors. Every
 such layer class answers ``dense_weight()``, ``format_name()``, ``init_args()`` and
@@ -17,11 +18,12 @@ from torch import nn
 @functools.cache
 def structured_classes() -> dict[str, type[nn.Module]]:
     """Class name -> class of every structured layer (imported lazily: the core never needs them)."""
+    from ..quant.layers import QuantizedLinear
     from .low_rank import LowRankLinear
     from .monarch import MonarchLinear
     from .more import MoReLinear
 
-    return {cls.__name__: cls for cls in (LowRankLinear, MonarchLinear, MoReLinear)}
+    return {cls.__name__: cls for cls in (LowRankLinear, MonarchLinear, MoReLinear, QuantizedLinear)}
 
 
 def is_structured(module: nn.Module) -> bool:
@@ -29,6 +31,6 @@ def is_structured(module: nn.Module) -> bool:
     return type(module).__name__ in _NAMES and type(module) in structured_classes().values()
 
 
-_NAMES = frozenset({"LowRankLinear", "MonarchLinear", "MoReLinear"})
+_NAMES = frozenset({"LowRankLinear", "MonarchLinear", "MoReLinear", "QuantizedLinear"})
 
 __all__ = ["is_structured", "structured_classes"]

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gemm import to_gemm
+from ..io.architecture import describe_layer
+from ..record import set_record
 from .gptq import QuantizedWeight
 from .spec import QuantSpec, dequantize
 
@@ -118,4 +120,8 @@ class QuantizedLinear(nn.Module):
             if bias is not None:
                 assert layer.bias is not None
                 layer.bias.copy_(bias.detach())
+        origin = describe_layer(linear)
+        if origin is not None:  # save/load rebuild the dense layer first, then this one in its place
+            set_record(layer, origin=origin)
+        layer.train(linear.training)
         return layer
