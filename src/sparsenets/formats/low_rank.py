@@ -32,7 +32,7 @@ def _compute_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def _row_scale(row_weights: Tensor, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def row_scale(row_weights: Tensor, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``√w`` per row, clamped below at ``√eps · max √w`` (eps of ``dtype``).
 
     The factors are divided by this scale afterwards, so a zero (or tiny) weight would blow up the
@@ -78,7 +78,7 @@ def truncated_svd(weight: Tensor, rank: int, row_weights: Tensor | None = None) 
     rank = _positive_int(rank, "rank")
     dtype = _compute_dtype(weight)
     w = weight.detach().to(dtype)
-    scale = None if row_weights is None else _row_scale(row_weights, w.shape[0], dtype, w.device)
+    scale = None if row_weights is None else row_scale(row_weights, w.shape[0], dtype, w.device)
     u, s, vh = torch.linalg.svd(w if scale is None else scale[:, None] * w, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
@@ -99,7 +99,7 @@ def spectrum(weight: Tensor, row_weights: Tensor | None = None) -> Tensor:
     dtype = _compute_dtype(weight)
     w = weight.detach().to(dtype)
     if row_weights is not None:
-        w = _row_scale(row_weights, w.shape[0], dtype, w.device)[:, None] * w
+        w = row_scale(row_weights, w.shape[0], dtype, w.device)[:, None] * w
     return torch.linalg.svdvals(w).square()
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .low_rank import row_scale
 
 __all__ = ["MonarchLinear", "monarch_multiply", "monarch_shapes", "monarch_to_dense", "project_monarch"]
 
@@ -167,17 +168,6 @@ def _pair_positions(b: int, q: int, device: torch.device) -> tuple[Tensor, Tenso
     return stage2, stage1, t // b - first
 
 
-def _row_scale(row_weights: Tensor, rows: int, padded_rows: int, dtype: torch.dtype) -> Tensor:
-    """``√w`` per (padded) row, zero weights lifted to a tiny fraction of the largest (so we can divide)."""
-    if row_weights.shape != (rows,):
-        raise ConfigError(f"row_weights of shape {tuple(row_weights.shape)}: must be ({rows},), one per output row")
-    w = row_weights.detach().to(dtype)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
-        raise ConfigError("row_weights must be finite and nonnegative, with at least one positive entry")
-    w = w.clamp(min=float(w.max()) * 1e-12)
-    return F.pad(w.sqrt(), (0, padded_rows - rows), value=1.0)  # padded rows are zero anyway
-
-
 @torch.no_grad()
 def project_monarch(weight: Tensor, nblocks: int, block_rank: int | None = None,
                     row_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -198,7 +188,9 @@ def project_monarch(weight: Tensor, nblocks: int, block_rank: int | None = None,
     # the SVD in float64 only for float64 weights: float32 is twice as fast, and accurate to its own precision
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     padded = F.pad(weight.detach().to(compute), (0, b * p - n, 0, b * s - m))
-    scale = None if row_weights is None else _row_scale(row_weights.to(weight.device), m, b * s, compute)
+    # the same row weighting as FWSVD (one rule for zero weights); padded rows are zero anyway
+    scale = None if row_weights is None else F.pad(row_scale(row_weights, m, compute, weight.device), (0, b * s - m),
+                                                   value=1.0)
     if scale is not None:
         padded = padded * scale[:, None]
     sub = padded.view(b, s, b, p).transpose(1, 2)  # (l, i, s, p)

@@ -165,9 +165,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict[str, A
         "architecture": A.describe_architecture(collected["plain"], architecture),
         "tensors": descriptors, "aliases": aliases, "masks": collected["masks"],
         "replaced": collected["replaced"], "records": collected["records"],
-        "attributes": collected["attributes"], "structured": collected["structured"], "config": config,
-        "metadata": metadata or {},
+        "attributes": collected["attributes"], "config": config, "metadata": metadata or {},
     }
+    if collected["structured"]:  # a file without structured layers stays a version 2 file, byte for byte
+        header["structured"] = collected["structured"]
     try:
         text = json.dumps(header)
     except TypeError as err:

@@ -34,11 +34,37 @@ def _block(block: int | tuple[int, int]) -> tuple[int, int]:
     return int(r), int(c)
 
 
-class _BlockSparseGemm(nn.Module):
-    """A weight of ``out_features × in_features`` (GEMM form) keeping only some blocks."""
+class BlockStructure(nn.Module):
+    """Which blocks of an ``out_features × in_features`` weight a layer keeps, in index buffers
+    (the float and the int8 block-sparse layers share it)."""
 
+    in_features: int
+    out_features: int
+    block: tuple[int, int]
     row_ptr: Tensor  # buffers, registered by _set_structure
     col_idx: Tensor
+
+    def _set_structure(self, layout: BlockLayout) -> None:
+        self.register_buffer("row_ptr", layout.row_ptr)
+        self.register_buffer("col_idx", layout.col_idx)
+        for name in _DERIVED:
+            self.register_buffer(name, getattr(layout, name), persistent=False)
+
+    @property
+    def layout(self) -> BlockLayout:
+        # direct: nn.Module's attribute lookup costs microseconds per call
+        b = cast("dict[str, Tensor]", self._buffers)
+        return BlockLayout(self.out_features, self.in_features, self.block, b["row_ptr"], b["col_idx"],
+                           b["row_idx"], b["t_ptr"], b["t_row"], b["t_block"])
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight's blocks that are kept."""
+        return self.layout.density
+
+
+class _BlockSparseGemm(BlockStructure):
+    """A weight of ``out_features × in_features`` (GEMM form) keeping only some blocks."""
 
     def __init__(self, in_features: int, out_features: int, block: int | tuple[int, int] = (32, 32),
                  keep: Tensor | None = None, bias: bool = True, device=None, dtype=None) -> None:
@@ -52,12 +78,6 @@ class _BlockSparseGemm(nn.Module):
         self._set_structure(layout)
         self.reset_parameters()
 
-    def _set_structure(self, layout: BlockLayout) -> None:
-        self.register_buffer("row_ptr", layout.row_ptr)
-        self.register_buffer("col_idx", layout.col_idx)
-        for name in _DERIVED:
-            self.register_buffer(name, getattr(layout, name), persistent=False)
-
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation (uniform in ±1/√fan_in) on the kept blocks."""
         bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
@@ -67,18 +87,6 @@ class _BlockSparseGemm(nn.Module):
             self.values.copy_(gather_blocks(scatter_blocks(self.values, self.layout), self.layout))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
-
-    @property
-    def layout(self) -> BlockLayout:
-        # direct: nn.Module's attribute lookup costs microseconds per call
-        b = cast("dict[str, Tensor]", self._buffers)
-        return BlockLayout(self.out_features, self.in_features, self.block, b["row_ptr"], b["col_idx"],
-                           b["row_idx"], b["t_ptr"], b["t_row"], b["t_block"])
-
-    @property
-    def density(self) -> float:
-        """Fraction of the weight's blocks that are kept."""
-        return self.layout.density
 
     @torch.no_grad()
     def relayout_(self, keep: Tensor) -> Tensor:

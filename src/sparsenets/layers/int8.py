@@ -17,7 +17,7 @@ over with ``from_quantized``.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +32,10 @@ from ..kernels.int8 import (
     pack_block_int8,
     quantize_weight_int8,
 )
+from .block_sparse import BlockStructure
 
 __all__ = ["BlockSparseInt8Linear", "Int8Linear"]
 
-_DERIVED = ("row_idx", "t_ptr", "t_row", "t_block")  # rebuilt from row_ptr/col_idx, not saved
 
 
 def _inference_only(module: nn.Module, x: Tensor) -> None:
@@ -109,7 +109,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class BlockSparseInt8Linear(nn.Module):
+class BlockSparseInt8Linear(BlockStructure):
     """Block-sparse ``y = x · Wᵀ + bias`` with int8 ``W`` keeping only some ``r × c`` blocks.
 
     Buffers: ``row_ptr``/``col_idx`` (the row-block CSR of :class:`~sparsenets.kernels.BlockLayout`),
@@ -141,23 +141,6 @@ class BlockSparseInt8Linear(nn.Module):
         self.register_buffer("w_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self._packed_cache: tuple[tuple, PackedBlockInt8] | None = None
-
-    def _set_structure(self, layout: BlockLayout) -> None:
-        self.register_buffer("row_ptr", layout.row_ptr)
-        self.register_buffer("col_idx", layout.col_idx)
-        for name in _DERIVED:
-            self.register_buffer(name, getattr(layout, name), persistent=False)
-
-    @property
-    def layout(self) -> BlockLayout:
-        b = cast("dict[str, Tensor]", self._buffers)
-        return BlockLayout(self.out_features, self.in_features, self.block, b["row_ptr"], b["col_idx"],
-                           b["row_idx"], b["t_ptr"], b["t_row"], b["t_block"])
-
-    @property
-    def density(self) -> float:
-        """Fraction of the weight's blocks that are kept."""
-        return self.layout.density
 
     @classmethod
     def from_quantized(cls, q_weight: Tensor, scale: Tensor, block: int | tuple[int, int],

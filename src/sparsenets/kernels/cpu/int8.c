@@ -488,6 +488,20 @@ static void amx_row_block(const product *P, i64 rb, i64 row0, i64 row_end)
 }
 #endif
 
+/* One row-block of outputs for rows [row0, row_end), on AMX tiles where they run, else vectors. */
+static void any_row_block(const product *P, i64 rb, i64 row0, i64 row_end, int scalar, int amx)
+{
+#if HAVE_AMX
+    if (amx) {
+        amx_row_block(P, rb, row0, row_end);
+        return;
+    }
+#else
+    (void)amx;
+#endif
+    row_block(P, rb, row0, row_end, scalar);
+}
+
 /* Row i of x into the activation layout of the path that runs. */
 static void quantize_unit_row(const product *P, const float *x, i64 ld_x, i64 i, int8_t *tmp, int amx)
 {
@@ -578,15 +592,7 @@ int i8_bsp_linear(i64 rows, const float *x, i64 ld_x, i64 in_dim, i64 out_dim, i
                     quantize_unit_row(&P, x, ld_x, i, tmp, amx);
                 }
                 if (row_end == rows && !amx) pad_last_tile(&P);
-                for (i64 rb = 0; rb < n_rb; rb++) {
-#if HAVE_AMX
-                    if (amx) {
-                        amx_row_block(&P, rb, row0, row_end);
-                        continue;
-                    }
-#endif
-                    row_block(&P, rb, row0, row_end, scalar);
-                }
+                for (i64 rb = 0; rb < n_rb; rb++) any_row_block(&P, rb, row0, row_end, scalar, amx);
             }
         } else {
             /* Few rows: quantize them all, then share the row-blocks. */
@@ -599,14 +605,8 @@ int i8_bsp_linear(i64 rows, const float *x, i64 ld_x, i64 in_dim, i64 out_dim, i
             i64 units = n_units * n_rb;
 #pragma omp for schedule(dynamic, 4)
             for (i64 u = 0; u < units; u++) {
-                i64 t = u / n_rb, rb = u % n_rb, row0 = t * unit, row_end = MIN(rows, row0 + unit);
-#if HAVE_AMX
-                if (amx) {
-                    amx_row_block(&P, rb, row0, row_end);
-                    continue;
-                }
-#endif
-                row_block(&P, rb, row0, row_end, scalar);
+                i64 t = u / n_rb, row0 = t * unit;
+                any_row_block(&P, u % n_rb, row0, MIN(rows, row0 + unit), scalar, amx);
             }
         }
 #if HAVE_AMX
