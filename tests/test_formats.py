@@ -272,6 +272,8 @@ def test_more_wraps_hugging_face_conv1d_and_refuses_no_match():
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="nothing_here"):
         sn.add_more_(mlp(), {"include": ["nothing_here"]})
+    with pytest.raises(ConfigError, match="nblock"):
+        sn.add_more_(mlp(), {"nblock": 2})
 
 
 # ---- compress and the formats protocol -------------------------------------------------------------------

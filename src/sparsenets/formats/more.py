@@ -120,6 +120,13 @@ class MoReConfig:
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     freeze: bool = True
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoReConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown MoRe keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
     def __post_init__(self) -> None:
         for key in ("nblocks", "block_rank"):
             value = getattr(self, key)
@@ -137,7 +144,7 @@ def adaptable_layers(model: nn.Module, include: list[str] | None, exclude: list[
 
 def add_more_(model: nn.Module, config: MoReConfig | dict | None = None) -> nn.Module:
     """Wrap the layers ``config`` selects in :class:`MoReLinear`, in place; returns ``model``."""
-    config = MoReConfig(**config) if isinstance(config, dict) else config or MoReConfig()
+    config = MoReConfig.from_dict(config) if isinstance(config, dict) else config or MoReConfig()
     names = adaptable_layers(model, config.include, config.exclude)
     if not names:
         raise ConfigError(f"no Linear or Conv1D layer matches include={config.include} exclude={config.exclude}")
