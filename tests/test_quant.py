@@ -276,8 +276,9 @@ def test_quantized_models_report_their_format_and_save_their_integer_codes(tmp_p
     assert rows["0"].pattern == "int4:g32" and rows["2"].pattern == "dense"
     path = sn.save(model, tmp_path / "q.safetensors")
     header, stored = read_checkpoint(path)
-    assert header["structured"]["0"]["kind"] == "QuantizedLinear" and stored["0.codes"].dtype == torch.int8
-    assert path.stat().st_size < dense_file.stat().st_size * 0.6  # int8 codes, not float weights
+    assert header["structured"]["0"]["kind"] == "QuantizedLinear" and header["tensors"]["0.codes"]["dtype"] == "int8"
+    assert stored["0.codes::packed"].numel() == 64 * 64 * 4 // 8  # 4-bit codes, bit-packed
+    assert path.stat().st_size < dense_file.stat().st_size * 0.6  # packed codes, not float weights
     loaded = sn.load(path)  # no model needed: the file describes it
     assert isinstance(loaded[0], QuantizedLinear)
     x = torch.randn(3, 64)

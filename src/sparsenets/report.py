@@ -1,4 +1,4 @@
-"""``report``: per-layer sparsity, nonzeros and FLOPs, as a table or a dict.
+"""``report``: per-layer sparsity, nonzeros, bytes and FLOPs, as a table or a dict.
 
 A weight shared by two layers (GPT-2's ``lm_head`` is the token embedding) is one tensor: both
 rows show it, but totals count its elements once (the second row says ``tied_to`` the first).
@@ -11,6 +11,11 @@ stay dense, ...), so what sparsenets does not prune is never silent.
 A structured layer (low-rank, Monarch, a MoRe-adapted layer) is one row: ``format`` names its
 structure, ``nonzeros`` counts the parameters it stores, ``density`` is that over the dense
 weight's size, and its FLOPs are two per stored weight and token, as for sparse layers.
+
+``bytes`` is what a layer's weight takes stored: a quantized layer's packed codes and scales
+(its ``storage_bytes()``), else its stored values at the weight's element size (nonzeros ×
+itemsize: a float16 weight takes 2 bytes per kept weight). The indices or mask bits that say
+where the kept values sit are not counted, nor are biases.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class LayerRow:
     numel: int
     dense_flops: int | None  # per sample: 2 multiply-adds per weight use
     sparse_flops: int | None
+    bytes: int = 0  # the weight stored: kept values × element size (packed codes for a quantized layer)
     input_density: float | None = None  # nonzero fraction of the layer's input activations (needs data)
     tied_to: str | None = None  # the row that already counts this shared weight in the totals
 
@@ -64,6 +70,10 @@ class Report:
         return self.nonzeros / max(self.numel, 1)
 
     @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.rows if r.tied_to is None)
+
+    @property
     def sparsity(self) -> float:
         return 1.0 - self.density
 
@@ -75,17 +85,18 @@ class Report:
         return {
             "layers": [asdict(r) | {"shape": list(r.shape)} for r in self.rows],
             "total": {"numel": self.numel, "nonzeros": self.nonzeros, "density": self.density,
-                      "sparsity": self.sparsity, "dense_flops": self._flops("dense_flops"),
+                      "sparsity": self.sparsity, "bytes": self.bytes, "dense_flops": self._flops("dense_flops"),
                       "sparse_flops": self._flops("sparse_flops")},
             "uncovered": [asdict(u) for u in self.uncovered],
         }
 
     def __str__(self) -> str:
-        header: tuple[str, ...] = ("layer", "shape", "format", "density", "nonzeros", "dense FLOPs", "sparse FLOPs")
+        header: tuple[str, ...] = ("layer", "shape", "format", "density", "nonzeros", "bytes", "dense FLOPs",
+                                   "sparse FLOPs")
         body: list[tuple[str, ...]] = [
             (_label(r), "x".join(map(str, r.shape)), r.pattern, f"{r.density:.3f}", f"{r.nonzeros:,}",
-             _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
-        body.append(("total", "", "", f"{self.density:.3f}", f"{self.nonzeros:,}",
+             _human_bytes(r.bytes), _human(r.dense_flops), _human(r.sparse_flops)) for r in self.rows]
+        body.append(("total", "", "", f"{self.density:.3f}", f"{self.nonzeros:,}", _human_bytes(self.bytes),
                      _human(self._flops("dense_flops")), _human(self._flops("sparse_flops"))))
         if any(r.input_density is not None for r in self.rows):  # measured only when data was given
             header += ("input density",)
@@ -115,6 +126,13 @@ def _human(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 BLOCK_SPARSE = (BlockSparseLinear, BlockSparseConv1d, BlockSparseConv2d)  # what sparse training's fast mode trains
@@ -189,6 +207,7 @@ def report(model: nn.Module, data: Iterable | None = None) -> Report:
                 numel=weight.numel(),
                 dense_flops=None if n_uses is None else int(2 * weight.numel() * n_uses),
                 sparse_flops=None if n_uses is None else int(2 * nonzeros * n_uses),
+                bytes=_bytes(module, weight, nonzeros),
                 input_density=inputs.get(name),
                 tied_to=first_row.get(id(stored)),
             ))
@@ -214,6 +233,12 @@ def _weights(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, 
         row_name = (name or "(model)") if param == "weight" else f"{name}.{param}".lstrip(".")
         pattern = mask.pattern if mask is not None else "dense"
         yield row_name, getattr(module, param).detach(), pattern, _stored(module, param)
+
+
+def _bytes(module: nn.Module, weight: torch.Tensor, nonzeros: int) -> int:
+    """The weight's stored size: a layer's own ``storage_bytes()`` (packed codes), else kept values × itemsize."""
+    storage = getattr(module, "storage_bytes", None)
+    return int(storage()) if is_structured(module) and callable(storage) else nonzeros * weight.element_size()
 
 
 def _routed_share(model: nn.Module, experts: nn.Module) -> float:

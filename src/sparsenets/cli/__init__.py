@@ -20,7 +20,8 @@ from ..errors import SparsenetsError
 from . import _extras
 
 COMMAND_MODULES: tuple[str, ...] = ("sparsenets.cli.demo", "sparsenets.cli.run", "sparsenets.cli.report",
-                                     "sparsenets.cli.bench", "sparsenets.cli.compress", "sparsenets.cli.prune")
+                                     "sparsenets.cli.bench", "sparsenets.cli.compress", "sparsenets.cli.prune",
+                                     "sparsenets.cli.quantize")
 BAD_INPUT, SYSTEM_ERROR, INTERRUPTED = 2, 1, 130
 
 _EPILOG = """\
@@ -29,6 +30,7 @@ examples:
   sparsenets run recipes/lth_mnist1d.yaml      # any recipe; rerun the same command to resume
   sparsenets report runs/demo                  # the summary of a run directory
   sparsenets prune ./llama --pattern 2:4 --out ./llama-2of4   # SparseGPT on a Hugging Face checkpoint
+  sparsenets quantize ./llama --bits 4 --out ./llama-int4      # GPTQ on a Hugging Face checkpoint
   sparsenets COMMAND --help                    # each command's options and examples
 
 exit status: 0 success, 1 system error (disk full, permission denied),

@@ -5,6 +5,9 @@
   ``from_pretrained`` loads the zeros and the outputs; the masks go to a side file
   (:data:`MASKS_FILE`) and the recipe to ``config.json`` (``config.sparsenets``).
 - :func:`restore_masks` puts the masks back on the loaded model for further sparse training.
+- :func:`save_quantized` / :func:`load_quantized`: a quantized model (``sparsenets.quantize_``)
+  as ``config.json`` plus its integer codes in a sparsenets checkpoint (:data:`QUANTIZED_FILE`),
+  since ``from_pretrained`` has no place for them.
 
 A model from :func:`sparsenets.compress` with heads or MLP channels removed saves with its
 ``config.json`` rewritten to the new sizes (``num_attention_heads``, ``num_key_value_heads``,
@@ -44,6 +47,7 @@ from ..methods.state import copy_masks
 from ..report import report
 
 MASKS_FILE = "sparsenets_masks.safetensors"
+QUANTIZED_FILE = "sparsenets_quantized.safetensors"
 
 
 # ---- Trainer ---------------------------------------------------------------------------------
@@ -319,3 +323,39 @@ def _options(method: Method) -> dict[str, Any]:
              if p.kind is inspect.Parameter.KEYWORD_ONLY]
     values = {name: getattr(method, name) for name in names if hasattr(method, name)}
     return {name: v for name, v in values.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+# ---- quantized models ------------------------------------------------------------------------
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, config: Any = None) -> Path:
+    """Write ``model``'s ``config.json`` (with ``sparsenets.quantization``: the ``QuantConfig``
+    used, if given) and its weights, integer codes included, as :data:`QUANTIZED_FILE` in
+    ``path``; returns ``path``. The live model and its config are left as they were."""
+    from ..io import save
+
+    if not hasattr(model, "config") or not callable(getattr(model.config, "save_pretrained", None)):
+        raise TypeError(f"save_quantized needs a Hugging Face model (a PreTrainedModel), got {type(model).__name__}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    saved: Any = copy.deepcopy(model.config)
+    quantization = None if config is None else json.loads(json.dumps(vars(config), default=str))
+    saved.sparsenets = {"version": __version__, "weights": QUANTIZED_FILE, "quantization": quantization}
+    saved.save_pretrained(path)
+    save(model, path / QUANTIZED_FILE)
+    return path
+
+
+def load_quantized(path: str | os.PathLike, auto_class: Any = None) -> nn.Module:
+    """The model :func:`save_quantized` wrote to ``path``, in eval mode: built from its
+    ``config.json`` with ``auto_class`` (default ``AutoModelForCausalLM``), quantized layers
+    rebuilt from the file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..io import load
+
+    path = Path(path)
+    if not (path / QUANTIZED_FILE).is_file():
+        raise CheckpointError(f"{path} holds no quantized weights ({QUANTIZED_FILE} is missing)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = (auto_class or AutoModelForCausalLM).from_config(config)
+    return load(path / QUANTIZED_FILE, model).eval()

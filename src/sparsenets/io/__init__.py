@@ -1,6 +1,7 @@
 """Sparse checkpoints: ``save(model, path)`` and ``load(path)``, one safetensors file, no pickle.
 
-- :mod:`.encoding`: each tensor in the smallest of dense, bitmask, CSR and block encodings;
+- :mod:`.encoding`: each tensor in the smallest of dense, bitmask, CSR and block encodings
+  (and, for quantized layers, integer codes packed at their bit width);
 - :mod:`.architecture`: how the model is described and built again (built-in, layers, or given);
 - :mod:`.container`: the safetensors file and the sha256 that covers all of it;
 - :mod:`.checkpoint`: :func:`save`, :func:`load`, :func:`read_checkpoint`.

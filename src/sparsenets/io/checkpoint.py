@@ -7,6 +7,11 @@ attributes (sizes, head counts, flags), so a model cut down by ``compress`` rebu
 sizes; and how to build the architecture (see :mod:`.architecture`). The file and its digest
 are :mod:`.container`'s.
 
+Structured layers' bool and integer tensors (a quantized layer's codes and mask) are stored
+bit-packed, and a buffer only read under a mask (``entry_masks()``, e.g. the codes of a pruned
+quantized layer) keeps only its kept entries: its descriptor names the stored mask (``"mask"``),
+which is decoded first. Such files are version 4; others are written exactly as before.
+
 Loading checks, before it allocates anything the size of a tensor, that every tensor the file
 claims fits the model it is loaded into: the same shape, or, for layers ``compress`` cut down,
 no dimension larger. A model the file itself describes may take at most
@@ -35,10 +40,10 @@ from ..record import get_record, has_record, set_record
 from ..utils import atomic
 from . import architecture as A
 from . import container
-from .encoding import decode, describe, encode
+from .encoding import bit_packed, decode, describe, encode
 
 FORMAT = "sparsenets-checkpoint"
-VERSION = 3  # 3: structured layers (low-rank, Monarch, MoRe); 2 files read as before
+VERSION = 4  # 4: bit-packed integer codes; 3: structured layers (low-rank, Monarch, MoRe); 2 read as before
 EXPANSION_LIMIT = 1024  # 99.9%-sparse models stay well under it
 SMALL_MODEL_BYTES = 64 << 20
 SECTIONS = ("architecture", "tensors", "aliases", "masks", "replaced", "records", "attributes")
@@ -87,6 +92,7 @@ def _collect(model: nn.Module) -> dict[str, Any]:
     hints: dict[str, tuple[Tensor | None, tuple[int, int] | None]] = {}
     replaced, attributes, records, structured = {}, {}, {}, {}
     skip: list[str] = []
+    packed: list[str] = []  # prefixes of the structured layers, whose integer and bool tensors are bit-packed
     for path, module in plain.named_modules():
         if any(path.startswith(p) for p in skip):
             continue
@@ -95,6 +101,10 @@ def _collect(model: nn.Module) -> dict[str, Any]:
         if is_structured(module):  # stored as its own factors; load builds it from its arguments
             structured[path] = {"kind": type(module).__name__, "init": _plain_tree(module.init_args())}
             attributes[path] = {"training": module.training}
+            prefix = f"{path}." if path else ""
+            packed.append(prefix)
+            for name, mask in getattr(module, "entry_masks", dict)().items():  # entries never read aren't stored
+                hints[f"{prefix}{name}"] = (mask, None)
             continue
         if A.is_replacement(module):
             part, structure, spec = _replacement_state(path, module)
@@ -116,26 +126,39 @@ def _collect(model: nn.Module) -> dict[str, Any]:
         if hint and key in state and key not in hints:
             hints[key] = (None, hint)
     return {"plain": plain, "state": state, "hints": hints, "replaced": replaced, "attributes": attributes,
-            "records": records, "structured": structured, "masks": {k: p for k, (_, p) in mask_of.items()}}
+            "records": records, "structured": structured, "masks": {k: p for k, (_, p) in mask_of.items()},
+            "packed": packed}
 
 
 def _encode_all(collected: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """The parts to store, the descriptor of each tensor, and tied tensors (stored once)."""
     tensors, descriptors, aliases = {}, {}, {}
     seen: dict[tuple, str] = {}
+    stored_as: dict[tuple | None, str] = {}  # the key each tensor is stored under (the first that holds it)
     for key, tensor in collected["state"].items():
-        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
+        if tensor.numel():
+            stored_as.setdefault(_identity(tensor), key)
+    for key, tensor in collected["state"].items():
+        identity = _identity(tensor)
         if identity in seen:
             aliases[key] = seen[identity]
             continue
         if identity is not None:
             seen[identity] = key
         mask, block = collected["hints"].get(key, (None, None))
-        info, parts = encode(tensor, mask, block)
+        pack = any(key.startswith(p) for p in collected["packed"])
+        mask_key = stored_as.get(_identity(mask)) if pack and mask is not None and mask.dtype == torch.bool else None
+        info, parts = encode(tensor, mask, block, pack=pack, mask_stored=mask_key not in (None, key))
+        if info["encoding"].startswith("masked-"):
+            info["mask"] = mask_key
         descriptors[key] = info
         for suffix, part in parts.items():
             tensors[f"{key}::{suffix}" if suffix else key] = part.contiguous()
     return tensors, descriptors, aliases
+
+
+def _identity(tensor: Tensor) -> tuple | None:
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
 
 
 # ---- save ----------------------------------------------------------------------------------------------
@@ -160,8 +183,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict[str, A
         config = config.to_dict()
     collected = _collect(model)
     tensors, descriptors, aliases = _encode_all(collected)
-    header = {  # files with structured layers say version 3, so older readers ask for an upgrade
-        "format": FORMAT, "version": VERSION if collected["structured"] else 2, "torch": torch.__version__,
+    version = 4 if any(bit_packed(info["encoding"]) for info in descriptors.values()) else \
+        3 if collected["structured"] else 2
+    header = {  # files with structured layers say version 3 (4 when bit-packed), so older readers ask for an upgrade
+        "format": FORMAT, "version": version, "torch": torch.__version__,
         "architecture": A.describe_architecture(collected["plain"], architecture),
         "tensors": descriptors, "aliases": aliases, "masks": collected["masks"],
         "replaced": collected["replaced"], "records": collected["records"],
@@ -208,10 +233,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
                                   f"got {type(header.get(section)).__name__}")
     for key, info in header["tensors"].items():
         try:
-            describe(info)
+            if describe(info)[2].startswith("masked-"):
+                _check_mask_key(header["tensors"], info)
         except ValueError as err:
             raise CheckpointError(f"{path}: damaged header: tensor {key!r}: {err}") from None
     return header, tensors
+
+
+def _check_mask_key(descriptors: dict[str, Any], info: dict[str, Any]) -> None:
+    """A tensor stored under another's mask names a bool tensor of its shape, itself stored whole."""
+    key = info.get("mask")
+    target = descriptors.get(key) if isinstance(key, str) else None
+    if not isinstance(target, dict) or target.get("dtype") != "bool" or target.get("shape") != info["shape"] \
+            or not isinstance(target.get("encoding"), str) or target["encoding"].startswith("masked-"):
+        raise ValueError(f"'mask' must name a stored bool tensor of shape {info['shape']}, got {key!r}")
 
 
 # ---- load ----------------------------------------------------------------------------------------------
@@ -352,11 +387,16 @@ def _no_larger(module: nn.Module, current: Tensor | None, claimed: tuple[int, ..
 
 
 def _decode_all(header: dict, stored: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    state, structure = {}, {}
-    for key, info in header["tensors"].items():
+    state: dict[str, Tensor] = {}
+    structure: dict[str, Tensor] = {}
+    tensors = header["tensors"]
+    masked = {k for k, info in tensors.items() if info["encoding"].startswith("masked-")}
+    for key in sorted(tensors, key=lambda k: k in masked):  # masks before the tensors stored under them
+        info = tensors[key]
         parts = {name.removeprefix(key).removeprefix("::"): t for name, t in stored.items()
                  if name == key or name.startswith(f"{key}::")}
-        state[key], mask = decode(info, parts)
+        given = state[info["mask"]] if key in masked else None
+        state[key], mask = decode(info, parts, given)
         if mask is not None:
             structure[key] = mask
     for key, target in header["aliases"].items():

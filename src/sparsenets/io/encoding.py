@@ -5,6 +5,15 @@
 - ``csr``: the kept values, row pointers and column indices (the narrowest integers that fit);
 - ``blocks:RxC``: the values of the kept ``R × C`` blocks plus one bit per block.
 
+With ``pack=True`` (the checkpoint asks for it for quantized layers' codes and masks) bool and
+integer tensors may be bit-packed too, so that 4-bit codes take 4 bits, not a byte:
+
+- ``bits``: a bool tensor at one bit per element;
+- ``packed:B``: integers as ``value − offset`` (the descriptor's ``offset``, their minimum) at
+  ``B`` bits each (:func:`pack_ints`), ``B`` ≤ 16;
+- ``bitmask-packed:B``: only the kept entries, packed, plus one bit per element;
+- ``masked-packed:B``: only the entries a mask stored elsewhere keeps (passed to :func:`decode`).
+
 A descriptor (JSON) says which, with the tensor's shape and dtype. :func:`decode` checks every
 size and index against the descriptor before it builds anything the size of the tensor.
 """
@@ -22,6 +31,8 @@ from torch import Tensor
 from ..gemm import block_keep, expand_blocks, n_blocks
 
 _BLOCKS = re.compile(r"blocks:([1-9][0-9]*)x([1-9][0-9]*)")
+_PACKED = re.compile(r"(bitmask-|masked-)?packed:([0-9]|1[0-6])")
+MAX_PACKED_BITS = 16  # wider ranges stay dense: unpacking works in words of at most 16 bits
 # the dtypes a descriptor may name (a name is looked up here, never as an arbitrary torch attribute)
 DTYPES = {name: dtype for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16",
                                    "int8", "uint8", "bool", "complex64", "complex128", "float8_e4m3fn",
@@ -41,6 +52,28 @@ def unpack_bits(bits: Tensor, count: int) -> Tensor:
     return torch.from_numpy(np.unpackbits(bits.numpy(), count=count).astype(bool))
 
 
+def pack_ints(values: Tensor, width: int) -> Tensor:
+    """Non-negative integers below ``2**width`` at ``width`` bits each: bit ``j`` (lowest first) of
+    value ``i`` is bit ``i·width + j`` of the stream, in ``numpy.packbits`` order."""
+    word = np.dtype(np.uint8 if width <= 8 else "<u2")
+    v = values.reshape(-1).cpu().numpy().astype(word)
+    bits = np.unpackbits(v.view(np.uint8).reshape(v.size, word.itemsize), axis=1, bitorder="little")[:, :width]
+    return torch.from_numpy(np.packbits(bits.reshape(-1)))
+
+
+def unpack_ints(packed: Tensor, width: int, count: int) -> Tensor:
+    """The ``count`` int64 values :func:`pack_ints` packed (``packed`` holds ``count·width`` bits)."""
+    word = np.dtype(np.uint8 if width <= 8 else "<u2")
+    bits = np.unpackbits(packed.numpy(), count=count * width).reshape(count, width)
+    bits = np.pad(bits, ((0, 0), (0, 8 * word.itemsize - width)))
+    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view(word).reshape(-1).astype(np.int64))
+
+
+def bit_packed(encoding: str) -> bool:
+    """Whether ``encoding`` is one of the bit-packed ones (files holding them are version 4)."""
+    return encoding == "bits" or _PACKED.fullmatch(encoding) is not None
+
+
 def _grid(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
@@ -49,21 +82,52 @@ def _nbytes(parts: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in parts.values())
 
 
-def encode(tensor: Tensor, mask: Tensor | None = None, block: tuple[int, int] | None = None
-           ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def encode(tensor: Tensor, mask: Tensor | None = None, block: tuple[int, int] | None = None, *,
+           pack: bool = False, mask_stored: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The smallest encoding of ``tensor`` keeping the entries of ``mask`` (default: its nonzeros).
 
+    ``pack``: bool and integer tensors may be bit-packed (off by default, so files that never
+    asked for it stay as they were). ``mask_stored``: the caller stores ``mask`` itself and passes
+    it to :func:`decode`, so a masked integer tensor needs no bits of its own (``masked-packed``).
     Returns the descriptor (JSON) and the parts to store, keyed by suffix.
     """
     tensor = tensor.detach().cpu().contiguous()
-    info = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-    options = [("dense", {"": tensor.clone()})]
+    info: dict[str, Any] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    options: list[tuple[dict[str, Any], dict[str, Tensor]]] = [({"encoding": "dense"}, {"": tensor.clone()})]
+    given = None if mask is None else mask.detach().cpu().to(torch.bool).reshape(tensor.shape)
     if tensor.dim() >= 1 and tensor.is_floating_point() and tensor.numel():
-        keep = (tensor != 0) if mask is None else mask.detach().cpu().to(torch.bool).reshape(tensor.shape)
-        options += _sparse_options(tensor, keep, mask is not None, block)
-    name, parts = min(options, key=lambda option: _nbytes(option[1]))
-    info["encoding"] = name
-    return info, parts
+        keep = (tensor != 0) if given is None else given
+        sparse = _sparse_options(tensor, keep, mask is not None, block)
+        options += [({"encoding": name}, parts) for name, parts in sparse]
+    elif pack and tensor.dtype == torch.bool and tensor.numel():
+        options.append(({"encoding": "bits"}, {"bits": pack_bits(tensor)}))
+    elif pack and tensor.dtype in _INTEGERS and tensor.numel():
+        options += _packed_options(tensor, given, mask_stored)
+    fields, parts = min(options, key=lambda option: _nbytes(option[1]))
+    return info | fields, parts
+
+
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _packed_options(tensor: Tensor, mask: Tensor | None, mask_stored: bool
+                    ) -> list[tuple[dict[str, Any], dict[str, Tensor]]]:
+    """``packed:B`` of all entries, and of the kept ones (under ``mask``, or the nonzeros)."""
+    flat = tensor.reshape(-1)
+    keep = (flat != 0) if mask is None else mask.reshape(-1)
+    choices: list[tuple[str, Tensor, dict[str, Tensor]]] = [("", flat, {})]
+    if mask is not None and mask_stored:
+        choices.append(("masked-", flat[keep], {}))
+    else:
+        choices.append(("bitmask-", flat[keep], {"bits": pack_bits(keep)}))
+    options = []
+    for kind, values, extra in choices:
+        offset = int(values.min()) if values.numel() else 0
+        width = ((int(values.max()) - offset) if values.numel() else 0).bit_length()
+        if width <= MAX_PACKED_BITS:
+            packed = pack_ints(values.long() - offset, width)
+            options.append(({"encoding": f"{kind}packed:{width}", "offset": offset}, {"packed": packed, **extra}))
+    return options
 
 
 def _sparse_options(tensor: Tensor, keep: Tensor, exact: bool, block: tuple[int, int] | None
@@ -105,13 +169,27 @@ def describe(info: Any) -> tuple[tuple[int, ...], torch.dtype, str]:
     if dtype is None:
         raise ValueError(f"unknown dtype {info.get('dtype')!r}")
     encoding = info.get("encoding")
-    if encoding not in ("dense", "bitmask", "csr") and not (isinstance(encoding, str) and _BLOCKS.fullmatch(encoding)):
+    if not isinstance(encoding, str) or not (encoding in ("dense", "bitmask", "csr", "bits")
+                                             or _PACKED.fullmatch(encoding) or _BLOCKS.fullmatch(encoding)):
         raise ValueError(f"unknown encoding {encoding!r}")
-    if encoding != "dense" and (not shape or not dtype.is_floating_point):
+    packed = _PACKED.fullmatch(encoding)
+    if encoding == "bits" and dtype != torch.bool:
+        raise ValueError(f"encoding 'bits' needs a bool tensor, got {dtype}")
+    if packed is not None:
+        _check_offset(info.get("offset"), dtype, encoding)
+    elif encoding not in ("dense", "bits") and (not shape or not dtype.is_floating_point):
         raise ValueError(f"encoding {encoding!r} needs a floating-point tensor of at least one dimension")
-    if encoding != "dense" and encoding != "bitmask" and len(shape) < 2:
+    if (encoding == "csr" or encoding.startswith("blocks:")) and len(shape) < 2:
         raise ValueError(f"encoding {encoding!r} needs a tensor of at least two dimensions, got shape {shape}")
     return tuple(shape), dtype, encoding
+
+
+def _check_offset(offset: Any, dtype: torch.dtype, encoding: str) -> None:
+    if dtype not in _INTEGERS:
+        raise ValueError(f"encoding {encoding!r} needs an integer tensor, got {dtype}")
+    bounds = torch.iinfo(dtype)
+    if type(offset) is not int or not bounds.min <= offset <= bounds.max:
+        raise ValueError(f"encoding {encoding!r} needs an integer offset within {dtype}'s range, got {offset!r}")
 
 
 def nbytes(info: dict[str, Any]) -> int:
@@ -141,14 +219,21 @@ def _index(part: Tensor, what: str) -> Tensor:
 # ---- decode ---------------------------------------------------------------------------------------------
 
 
-def decode(info: dict[str, Any], parts: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+def decode(info: dict[str, Any], parts: dict[str, Tensor], mask: Tensor | None = None
+           ) -> tuple[Tensor, Tensor | None]:
     """The tensor and its mask (None for dense) from :func:`encode`'s output.
 
+    ``mask``: for ``masked-packed`` only, the mask stored elsewhere (bool, the tensor's shape).
     Raises ValueError when the descriptor is malformed or the parts don't have the sizes and
     indices it implies. Callers bound the size the descriptor claims (see :func:`nbytes`) first.
     """
     shape, dtype, encoding = describe(info)
     numel = math.prod(shape)
+    if encoding == "bits":
+        return unpack_bits(_part(parts, "bits", n_blocks(numel, 8), "bits", torch.uint8), numel).reshape(shape), None
+    packed = _PACKED.fullmatch(encoding)
+    if packed is not None:
+        return _decode_packed(info, parts, packed[1], int(packed[2]), mask)
     if encoding == "dense":
         dense = parts.get("")
         if dense is None or dense.numel() != numel or dense.dtype != dtype:
@@ -164,6 +249,32 @@ def decode(info: dict[str, Any], parts: dict[str, Tensor]) -> tuple[Tensor, Tens
     values = _part(parts, "values", int(keep.sum()), "kept values", dtype)
     dense = torch.zeros(numel, dtype=dtype)
     dense[keep] = values
+    return dense.reshape(shape), keep.reshape(shape)
+
+
+def _decode_packed(info: dict[str, Any], parts: dict[str, Tensor], kind: str | None, width: int,
+                   mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    shape, dtype, encoding = describe(info)
+    numel = math.prod(shape)
+    if kind == "masked-":
+        if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            have = "none" if mask is None else f"{mask.dtype} {tuple(mask.shape)}"
+            raise ValueError(f"encoding {encoding!r} needs the bool mask of shape {shape}, got {have}")
+        keep: Tensor | None = mask.reshape(-1).cpu()
+    elif kind == "bitmask-":
+        keep = unpack_bits(_part(parts, "bits", n_blocks(numel, 8), "bitmask", torch.uint8), numel)
+    else:
+        keep = None
+    count = numel if keep is None else int(keep.sum())
+    values = unpack_ints(_part(parts, "packed", n_blocks(count * width, 8), "packed values", torch.uint8),
+                         width, count)
+    if values.numel() and info["offset"] + int(values.max()) > torch.iinfo(dtype).max:  # checked before adding
+        raise ValueError(f"packed values beyond {dtype}'s range")
+    values += info["offset"]
+    if keep is None:
+        return values.to(dtype).reshape(shape), None
+    dense = torch.zeros(numel, dtype=dtype)
+    dense[keep] = values.to(dtype)
     return dense.reshape(shape), keep.reshape(shape)
 
 
@@ -193,4 +304,5 @@ def _blocks_keep(parts: dict[str, Tensor], encoding: str, grid: tuple[int, int])
     return expand_blocks(unpack_bits(bits, count).reshape(block_grid), (r, c), (rows, cols)).reshape(-1)
 
 
-__all__ = ["DTYPES", "decode", "describe", "encode", "nbytes", "pack_bits", "unpack_bits"]
+__all__ = ["DTYPES", "bit_packed", "decode", "describe", "encode", "nbytes", "pack_bits", "pack_ints", "unpack_bits",
+           "unpack_ints"]

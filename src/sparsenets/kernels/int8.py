@@ -25,6 +25,7 @@ dimensions; outputs are float32 (or the input's floating dtype).
 from __future__ import annotations
 
 import ctypes
+import math
 import platform
 import weakref
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from .cpu import int8 as c_int8
 from .layout import BlockLayout, gather_blocks, scatter_blocks
 
 __all__ = ["PackedBlockInt8", "block_sparse_int8_linear", "int8_capabilities", "int8_linear",
-           "pack_block_int8", "quantize_rows", "quantize_weight_int8"]
+           "outlier_columns", "pack_block_int8", "quantize_rows", "quantize_weight_int8"]
 
 # int32 accumulation is exact while in · 255 · 128 < 2³¹ (the C kernels add 128 to activations).
 MAX_IN_FEATURES = 65536
@@ -208,7 +209,7 @@ def _dense_panels(q_weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def int8_linear(x: Tensor, q_weight: Tensor, w_scale: Tensor, bias: Tensor | None = None,
-                path: str = "auto") -> Tensor:
+                path: str = "auto", *, outlier_threshold: float | None = None) -> Tensor:
     """``x · Wᵀ + bias`` with ``W = q_weight · w_scale[:, None]`` and ``x`` quantized per row.
 
     ``x (..., in)`` float; ``q_weight`` int8 ``(out, in)``; ``w_scale`` ``(out,)``; ``bias``
@@ -217,40 +218,86 @@ def int8_linear(x: Tensor, q_weight: Tensor, w_scale: Tensor, bias: Tensor | Non
     ``"c"`` (insist on ``_int_mm``), ``"torch"`` (the float emulation of the same int32 product,
     on any device). Quantizing ``x`` and scaling the result run in C where the kernels could be
     built. No gradient flows through it.
+
+    ``outlier_threshold`` (LLM.int8()'s decomposition): the input columns holding any value
+    above it in magnitude in this call (:func:`outlier_columns`) are multiplied in float32 with
+    those columns of the dequantized weight, the rest as above with them zeroed; with no such
+    column it costs one pass over ``x`` (its max and min). Rows that are not finite stay so, as
+    without it.
     """
     _check_path(path)
     if not isinstance(q_weight, Tensor) or q_weight.dtype != torch.int8 or q_weight.dim() != 2:
         raise ConfigError(f"q_weight must be an int8 (out, in) matrix, got "
                           f"{q_weight.dtype if isinstance(q_weight, Tensor) else type(q_weight).__name__} of shape "
                           f"{tuple(q_weight.shape) if isinstance(q_weight, Tensor) else '?'}")
+    if outlier_threshold is not None:
+        check_outlier_threshold(outlier_threshold)
     out_features, in_features = q_weight.shape
     _check_input(x, in_features)
     w_scale, bias = _check_scales(w_scale, bias, out_features)
     _same_device(x, q_weight, w_scale, bias)
+    if path == "c" and not x.is_cpu:
+        raise ConfigError(f"path='c' needs a CPU tensor, x is on {x.device}")
     with torch.no_grad():
         x2 = _rows(x.detach())
-        acc = None
-        if x.is_cpu and path in ("auto", "c") and x2.shape[0] and in_features:
-            compiled = c_int8.available()  # else the same bytes from torch ops, a little slower
-            q, sx = c_int8.quantize_rows(x2) if compiled else _quantize_rows_torch(x2)
-            acc = _int_mm(q, q_weight.contiguous())
-            if acc is None and path == "c":
-                raise ConfigError(f"path='c': torch._int_mm can't multiply {tuple(q.shape)} by "
-                                  f"{tuple(q_weight.shape)}ᵀ on this build")
-        elif path == "c" and not x.is_cpu:
-            raise ConfigError(f"path='c' needs a CPU tensor, x is on {x.device}")
-        if acc is None and x.is_cpu and path == "auto" and x2.shape[0] and c_int8.available():
-            # No usable _int_mm: our kernel with every block kept beats the float emulation.
-            y = c_int8.bsp_linear(x2, in_features, out_features, _DENSE_BLOCK, *_dense_panels(q_weight), w_scale,
-                                  bias)
-        elif acc is None:
-            y = _reference(x2, q_weight, w_scale, bias)
-        elif compiled:
-            y = c_int8.dequant(acc.contiguous(), sx, w_scale, bias)
+        cols = None if outlier_threshold is None else _outlier_columns(x2, outlier_threshold)
+        if cols is None or not cols.numel():
+            y = _int8_product(x2, q_weight, w_scale, bias, path)
         else:
-            y = acc.float() * (sx.unsqueeze(1) * w_scale.unsqueeze(0))
-            y = y if bias is None else y + bias
+            w_cols = q_weight[:, cols].float() * w_scale.unsqueeze(1)  # dequantized, as bitsandbytes does
+            y = _int8_product(x2.index_fill(1, cols, 0.0), q_weight, w_scale, bias, path)
+            y.addmm_(x2[:, cols], w_cols.t())
     return _output(y, x, out_features)
+
+
+def _int8_product(x2: Tensor, q_weight: Tensor, w_scale: Tensor, bias: Tensor | None, path: str) -> Tensor:
+    """The dispatch of :func:`int8_linear` on checked 2-D float32 rows: ``(m, out)`` float32."""
+    out_features, in_features = q_weight.shape
+    acc = None
+    if x2.is_cpu and path in ("auto", "c") and x2.shape[0] and in_features:
+        compiled = c_int8.available()  # else the same bytes from torch ops, a little slower
+        q, sx = c_int8.quantize_rows(x2) if compiled else _quantize_rows_torch(x2)
+        acc = _int_mm(q, q_weight.contiguous())
+        if acc is None and path == "c":
+            raise ConfigError(f"path='c': torch._int_mm can't multiply {tuple(q.shape)} by "
+                              f"{tuple(q_weight.shape)}ᵀ on this build")
+    if acc is None and x2.is_cpu and path == "auto" and x2.shape[0] and c_int8.available():
+        # No usable _int_mm: our kernel with every block kept beats the float emulation.
+        return c_int8.bsp_linear(x2, in_features, out_features, _DENSE_BLOCK, *_dense_panels(q_weight), w_scale,
+                                 bias)
+    if acc is None:
+        return _reference(x2, q_weight, w_scale, bias)
+    if compiled:
+        return c_int8.dequant(acc.contiguous(), sx, w_scale, bias)
+    y = acc.float() * (sx.unsqueeze(1) * w_scale.unsqueeze(0))
+    return y if bias is None else y + bias
+
+
+def check_outlier_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or threshold <= 0:
+        raise ConfigError(f"outlier_threshold must be a positive finite number, got {threshold!r}")
+
+
+def _outlier_columns(x2: Tensor, threshold: float) -> Tensor:
+    none = torch.zeros(0, dtype=torch.long, device=x2.device)
+    if not x2.shape[0] or not x2.shape[1]:
+        return none
+    lo, hi = torch.aminmax(x2)  # one pass, the common case: nothing above the threshold
+    if -threshold <= lo and hi <= threshold:
+        return none
+    # No |x| copy; two column reductions beat aminmax(dim=0), which is several times slower on CPU.
+    return ((x2.amax(0) > threshold) | (x2.amin(0) < -threshold)).nonzero().squeeze(1)
+
+
+def outlier_columns(x: Tensor, threshold: float) -> Tensor:
+    """Indices (int64, ascending) of the columns (last dimension) of ``x (..., in)`` with any entry
+    above ``threshold`` in magnitude: those :func:`int8_linear` multiplies in float with
+    ``outlier_threshold=threshold``."""
+    _float_input(x, "x")
+    check_outlier_threshold(threshold)
+    with torch.no_grad():
+        return _outlier_columns(_rows(x.detach()), threshold)
 
 
 # ---- block-sparse -----------------------------------------------------------------------------

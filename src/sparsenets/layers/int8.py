@@ -4,6 +4,9 @@
 Both hold an int8 weight with one float32 scale per output channel and a float32 bias, all as
 buffers (``state_dict``, ``deepcopy``, pickling and ``.to()`` work unchanged), and quantize
 activations dynamically, per row, at every call (see :mod:`sparsenets.kernels.int8`).
+:class:`Int8Linear` takes an optional ``outlier_threshold`` (a plain attribute, kept by
+``deepcopy`` and pickling but not in ``state_dict``): LLM.int8()'s decomposition, the input
+columns holding a value above it in magnitude multiplied in float32 at each call.
 
 They are inference-only: no gradient flows through the int8 product. In training mode an
 input that requires grad (with grad enabled) is an error, since training through them would
@@ -28,6 +31,7 @@ from ..kernels import BlockLayout, gather_blocks, scatter_blocks
 from ..kernels.int8 import (
     PackedBlockInt8,
     block_sparse_int8_linear,
+    check_outlier_threshold,
     int8_linear,
     pack_block_int8,
     quantize_weight_int8,
@@ -66,36 +70,44 @@ class Int8Linear(nn.Module):
 
     Buffers: ``q_weight`` int8 ``(out, in)``, ``w_scale`` float32 ``(out,)``, ``bias`` float32
     ``(out,)`` or None. Build it with :meth:`from_float` or :meth:`from_quantized`.
+    ``outlier_threshold`` (None: off) sends the input columns with any ``|x|`` above it to a
+    float32 product with the dequantized weight (``int8_linear(..., outlier_threshold=)``).
     """
 
     q_weight: Tensor
     w_scale: Tensor
     bias: Tensor | None
+    outlier_threshold: float | None = None  # the default for layers pickled before it existed
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 outlier_threshold: float | None = None) -> None:
         super().__init__()
+        if outlier_threshold is not None:
+            check_outlier_threshold(outlier_threshold)
         self.in_features, self.out_features = in_features, out_features
+        self.outlier_threshold = outlier_threshold
         self.register_buffer("q_weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("w_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, q_weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Int8Linear:
+    def from_quantized(cls, q_weight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                       outlier_threshold: float | None = None) -> Int8Linear:
         """From an int8 ``(out, in)`` weight and its per-output-channel ``scale (out,)``."""
         _check_quantized(q_weight, scale, bias)
-        layer = cls(q_weight.shape[1], q_weight.shape[0], bias is not None, q_weight.device)
+        layer = cls(q_weight.shape[1], q_weight.shape[0], bias is not None, q_weight.device, outlier_threshold)
         layer.q_weight.copy_(q_weight.detach())
         layer.w_scale.copy_(scale.detach())
         layer.bias = _bias_buffer(bias)
         return layer
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+    def from_float(cls, linear: nn.Linear, outlier_threshold: float | None = None) -> Int8Linear:
         """Round ``linear``'s weight to int8 with a symmetric scale per output channel."""
         if not isinstance(linear, nn.Linear):
             raise ConfigError(f"from_float takes an nn.Linear, got {type(linear).__name__}")
         q, scale = quantize_weight_int8(linear.weight.detach())
-        return cls.from_quantized(q, scale, linear.bias)
+        return cls.from_quantized(q, scale, linear.bias, outlier_threshold)
 
     def dense_weight(self) -> Tensor:
         """The dequantized float32 ``(out, in)`` weight."""
@@ -103,10 +115,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _inference_only(self, x)
-        return int8_linear(x, self.q_weight, self.w_scale, self.bias)
+        return int8_linear(x, self.q_weight, self.w_scale, self.bias, outlier_threshold=self.outlier_threshold)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        outliers = "" if self.outlier_threshold is None else f", outlier_threshold={self.outlier_threshold}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{outliers}")
 
 
 class BlockSparseInt8Linear(BlockStructure):
