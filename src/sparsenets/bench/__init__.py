@@ -207,9 +207,10 @@ def run(cases: list[Case], block: tuple[int, int], impls: list[str], repeats: in
 
 def machine() -> dict:
     from ..kernels import cpu
+    from ..kernels.int8 import describe as int8_kernels
 
     return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "kernels": cpu.describe(),
+            "kernels": f"{cpu.describe()}; {int8_kernels()}",
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
