@@ -22,3 +22,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def lm_checkpoint(tmp_path):
+    """A Hugging Face directory of a tiny untrained built-in LM (3 blocks) and its byte tokenizer."""
+    pytest.importorskip("transformers")
+    from sparsenets.text import LMConfig, byte_tokenizer, untrained_lm
+
+    config = LMConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, seq_len=32)
+    directory = tmp_path / "lm"
+    untrained_lm(config).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory

@@ -7,19 +7,8 @@ from sparsenets.cli import main
 from sparsenets.cli import prune as prune_cli
 
 transformers = pytest.importorskip("transformers")
-from sparsenets.text import LMConfig, byte_tokenizer, untrained_lm  # noqa: E402
 
-SMALL = LMConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64, seq_len=32)
 FAST = ["--calibration", "4", "--seq-len", "32", "--eval-windows", "2"]
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    directory = tmp_path / "lm"
-    untrained_lm(SMALL).save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def linear_weights(model) -> dict[str, torch.Tensor]:
@@ -27,9 +16,9 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
 
 
-def test_prune_writes_a_directory_from_pretrained_loads_with_zeros_kept(checkpoint, tmp_path, capsys):
+def test_prune_writes_a_directory_from_pretrained_loads_with_zeros_kept(lm_checkpoint, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(["prune", str(checkpoint), "--pattern", "2:4", "--out", str(out), *FAST]) == 0
+    assert main(["prune", str(lm_checkpoint), "--pattern", "2:4", "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "perplexity before" in printed and "perplexity after" in printed
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -42,10 +31,10 @@ def test_prune_writes_a_directory_from_pretrained_loads_with_zeros_kept(checkpoi
     assert not (out / prune_cli.PARTIAL).exists()
 
 
-def test_a_killed_run_resumes_after_its_last_pruned_block(checkpoint, tmp_path, monkeypatch, capsys):
+def test_a_killed_run_resumes_after_its_last_pruned_block(lm_checkpoint, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "reference"
     args = ["--criterion", "sparsegpt", "--sparsity", "0.6", "--no-eval", *FAST]
-    assert main(["prune", str(checkpoint), "--out", str(reference), *args]) == 0
+    assert main(["prune", str(lm_checkpoint), "--out", str(reference), *args]) == 0
     save = prune_cli._save_block
 
     def save_then_die(model, block_name, partial, index):
@@ -55,14 +44,14 @@ def test_a_killed_run_resumes_after_its_last_pruned_block(checkpoint, tmp_path, 
 
     out = tmp_path / "resumed"
     monkeypatch.setattr(prune_cli, "_save_block", save_then_die)
-    assert main(["prune", str(checkpoint), "--out", str(out), *args]) == 130
+    assert main(["prune", str(lm_checkpoint), "--out", str(out), *args]) == 130
     assert sorted(p.name for p in (out / prune_cli.PARTIAL).glob("block_*")) == ["block_0.safetensors",
                                                                                   "block_1.safetensors"]
     monkeypatch.setattr(prune_cli, "_save_block", save)
     # another run's options are refused, and the finished blocks are left in place
-    assert main(["prune", str(checkpoint), "--out", str(out), "--sparsity", "0.3", "--no-eval", *FAST]) == 2
+    assert main(["prune", str(lm_checkpoint), "--out", str(out), "--sparsity", "0.3", "--no-eval", *FAST]) == 2
     assert "other options" in capsys.readouterr().err
-    assert main(["prune", str(checkpoint), "--out", str(out), *args]) == 0
+    assert main(["prune", str(lm_checkpoint), "--out", str(out), *args]) == 0
     assert "resuming after 2 pruned block(s)" in capsys.readouterr().out
     expected = linear_weights(transformers.AutoModelForCausalLM.from_pretrained(reference))
     got = linear_weights(transformers.AutoModelForCausalLM.from_pretrained(out))

@@ -16,33 +16,22 @@ from sparsenets.quant.layers import QuantizedLinear
 
 transformers = pytest.importorskip("transformers")
 from sparsenets.integrations.huggingface import QUANTIZED_FILE, load_quantized  # noqa: E402
-from sparsenets.text import LMConfig, byte_tokenizer, untrained_lm  # noqa: E402
 
-SMALL = LMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64, seq_len=32)
 FAST = ["--calibration", "4", "--seq-len", "32", "--eval-windows", "2"]
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    directory = tmp_path / "lm"
-    untrained_lm(SMALL).save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def quantized_layers(model) -> dict[str, QuantizedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def test_quantize_writes_codes_that_load_quantized_rebuilds(checkpoint, tmp_path, capsys):
+def test_quantize_writes_codes_that_load_quantized_rebuilds(lm_checkpoint, tmp_path, capsys):
     out = tmp_path / "int4"
-    assert main(["quantize", str(checkpoint), "--bits", "4", "--group-size", "16", "--out", str(out), *FAST]) == 0
+    assert main(["quantize", str(lm_checkpoint), "--bits", "4", "--group-size", "16", "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "perplexity before" in printed and "perplexity after" in printed and "MiB stored" in printed
     model = load_quantized(out)
     layers = quantized_layers(model)
-    assert len(layers) == 2 * 7 and "lm_head" not in layers  # q k v o gate up down per block
+    assert len(layers) == 3 * 7 and "lm_head" not in layers  # q k v o gate up down per block
     for layer in layers.values():
         assert layer.format_name() == "int4:g16" and int(layer.codes.abs().max()) <= 7
     config = json.loads((out / "config.json").read_text())
@@ -50,10 +39,10 @@ def test_quantize_writes_codes_that_load_quantized_rebuilds(checkpoint, tmp_path
     assert transformers.AutoTokenizer.from_pretrained(out)("ab")["input_ids"][:2] == [100, 101]
 
 
-def test_the_loaded_model_gives_the_quantized_models_outputs(checkpoint, tmp_path):
+def test_the_loaded_model_gives_the_quantized_models_outputs(lm_checkpoint, tmp_path):
     from sparsenets.integrations.huggingface import save_quantized
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm_checkpoint).eval()
     config = QuantConfig(bits=3, group_size=None, method="rtn")
     quantize_(model, config)
     save_quantized(model, tmp_path / "q", config)
@@ -61,15 +50,15 @@ def test_the_loaded_model_gives_the_quantized_models_outputs(checkpoint, tmp_pat
     assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
 
 
-def test_dequantize_writes_the_rounded_values_as_plain_weights(checkpoint, tmp_path):
+def test_dequantize_writes_the_rounded_values_as_plain_weights(lm_checkpoint, tmp_path):
     out = tmp_path / "float"
-    assert main(["quantize", str(checkpoint), "--method", "rtn", "--bits", "2", "--group-size", "channel",
+    assert main(["quantize", str(lm_checkpoint), "--method", "rtn", "--bits", "2", "--group-size", "channel",
                  "--dequantize", "--no-eval", "--out", str(out), *FAST]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     weight = model.model.layers[0].mlp.down_proj.weight
     for row in weight:  # 2 bits, symmetric: every row holds at most the values {-s, 0, s}
         assert len(torch.unique(row)) <= 3
-    original = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    original = transformers.AutoModelForCausalLM.from_pretrained(lm_checkpoint)
     assert torch.equal(model.lm_head.weight, original.lm_head.weight)  # excluded by default
 
 
@@ -81,9 +70,9 @@ def test_dequantize_writes_the_rounded_values_as_plain_weights(checkpoint, tmp_p
     (["--outlier-threshold", "6"], "activations='int8'"),
     (["--calibration", "0"], "--calibration"),
 ])
-def test_bad_options_fail_before_anything_is_written(checkpoint, tmp_path, capsys, argv, message):
+def test_bad_options_fail_before_anything_is_written(lm_checkpoint, tmp_path, capsys, argv, message):
     out = tmp_path / "never"
-    assert main(["quantize", str(checkpoint), "--out", str(out), *argv]) == 2
+    assert main(["quantize", str(lm_checkpoint), "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -126,6 +115,10 @@ def test_pruned_codes_are_zero_so_the_int8_product_skips_them():
         model[0].weight[:, ::2] = 0
     layer = quantize_(model, QuantConfig(bits=4, group_size=None, activations="int8"))[0]
     assert layer.mask is not None and not layer.codes[~layer.mask].any()
+    data = [torch.randn(16, 48) for _ in range(4)]  # pruned in the GPTQ sweep itself
+    joint = quantize_(mlp(), QuantConfig(bits=4, group_size=None, method="gptq", pattern="2:4",
+                                         activations="int8"), data=data)[0]
+    assert joint.mask is not None and not joint.codes[~joint.mask].any()
 
 
 def test_outlier_columns_stay_in_floating_point():
@@ -179,11 +172,11 @@ def test_to_float_rebuilds_the_original_layer_class_with_the_rounded_values():
     torch.testing.assert_close(restored(x), model[0](x))
 
 
-def test_on_layer_reports_every_quantized_layer_once():
+def test_on_layer_reports_every_quantized_layer_once(lm_checkpoint):
     from sparsenets.text import calibration_batches
 
-    model = untrained_lm(SMALL)
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm_checkpoint)
     seen: list[str] = []
     data = calibration_batches(torch.randint(0, 256, (400,)), 2, 32)
     quantize_(model, QuantConfig(bits=4, group_size=16, method="gptq"), data=data, on_layer=seen.append)
-    assert sorted(seen) == sorted(quantized_layers(model)) and len(seen) == len(set(seen)) == 14
+    assert sorted(seen) == sorted(quantized_layers(model)) and len(seen) == len(set(seen)) == 3 * 7

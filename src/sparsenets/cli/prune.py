@@ -44,14 +44,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sparsity", type=float, default=None,
                         help="fraction of weights to remove (default 0.5; N:M fixes its own)")
     parser.add_argument("--allocation", default="uniform", help="uniform (default), erk or owl")
+    add_calibration_arguments(parser, left="dense")
+    parser.set_defaults(func=_run)
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser, left: str) -> None:
+    """The options every command that calibrates on the built-in corpus shares."""
     parser.add_argument("--calibration", type=int, default=128, help="calibration windows (default 128)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    parser.add_argument("--exclude", nargs="*", default=["lm_head"], help="module globs left dense (default lm_head)")
+    parser.add_argument("--exclude", nargs="*", default=["lm_head"],
+                        help=f"module globs left {left} (default lm_head)")
     parser.add_argument("--eval-windows", type=int, default=None,
                         help="perplexity on at most this many test windows (default: the whole test split)")
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
-    parser.set_defaults(func=_run)
+
+
+def check_calibration(args: argparse.Namespace) -> None:
+    for flag, value in (("--calibration", args.calibration), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -61,9 +73,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = SparsityConfig(sparsity=args.sparsity, pattern=args.pattern, criterion=args.criterion,
                             allocation=args.allocation, exclude=args.exclude, seed=args.seed)
-    for flag, value in (("--calibration", args.calibration), ("--seq-len", args.seq_len)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    check_calibration(args)
     model, tokenizer = _load(args.model)
     calibration, test = _data(tokenizer, args)
     partial = args.out / PARTIAL

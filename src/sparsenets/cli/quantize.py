@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .prune import _data, _load, _perplexity
+from .prune import _data, _load, _perplexity, add_calibration_arguments, check_calibration
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -54,16 +54,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--outlier-threshold", type=float, default=None,
                         help="with --activations int8: input columns above this magnitude stay in floating "
                              "point (LLM.int8(); 6.0 in the paper)")
-    parser.add_argument("--calibration", type=int, default=128, help="calibration windows (default 128)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    parser.add_argument("--exclude", nargs="*", default=["lm_head"],
-                        help="module globs left in float (default lm_head)")
-    parser.add_argument("--eval-windows", type=int, default=None,
-                        help="perplexity on at most this many test windows (default: the whole test split)")
-    parser.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     parser.add_argument("--dequantize", action="store_true",
                         help="write plain float weights (the rounded values) that from_pretrained loads")
-    parser.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    add_calibration_arguments(parser, left="in float")
     parser.set_defaults(func=_run)
 
 
@@ -96,9 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..targets import find_units
 
     config = _config(args)  # every option checked before the model loads
-    for flag, value in (("--calibration", args.calibration), ("--seq-len", args.seq_len)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    check_calibration(args)
     if args.dequantize and config.activations is not None:
         raise ConfigError("--dequantize writes float weights: int8 activations need the quantized layers")
     model, tokenizer = _load(args.model)

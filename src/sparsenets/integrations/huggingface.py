@@ -340,8 +340,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, config: Any = None
     saved: Any = copy.deepcopy(model.config)
     quantization = None if config is None else json.loads(json.dumps(vars(config), default=str))
     saved.sparsenets = {"version": __version__, "weights": QUANTIZED_FILE, "quantization": quantization}
+    save(model, path / QUANTIZED_FILE)  # first: a failed save leaves no config.json announcing a model
     saved.save_pretrained(path)
-    save(model, path / QUANTIZED_FILE)
     return path
 
 

@@ -161,8 +161,7 @@ class QuantizedLinear(nn.Module):
                     quantized.mask is not None, str(weight.dtype).removeprefix("torch."), weight.device,
                     activations, outlier_threshold)
         with torch.no_grad():
-            codes = quantized.codes if quantized.mask is None else quantized.codes.masked_fill(~quantized.mask, 0)
-            layer.codes.copy_(codes if spec.symmetric else quantized.codes)
+            layer.codes.copy_(quantized.codes)  # pruned entries hold the zero point: 0 on a symmetric grid
             layer.scale.copy_(quantized.scale)
             layer.zero.copy_(quantized.zero)
             if layer.mask is not None and quantized.mask is not None:
